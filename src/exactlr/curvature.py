@@ -1,0 +1,666 @@
+"""Curvature of a training loss: Hessian-vector products and extreme eigenvalues.
+
+The loss is the size-weighted mean over an iterable of ``(inputs, targets)`` batches,
+
+    L(w) = sum_b (n_b / N) * loss_fn(model(x_b; w), y_b),    N = sum_b n_b,
+
+i.e. the full-data loss when ``loss_fn`` uses ``reduction="mean"`` (torch's default).
+
+Hessian-vector products ``H v`` are built with :mod:`torch.func` on a
+:func:`~torch.func.functional_call` of the model, in one of two modes:
+
+* ``"forward"`` -- forward-over-reverse, ``jvp(grad(L), w, v)``: low memory (one batch's
+  graph at a time), about two gradients per product.
+* ``"reverse"`` -- reverse-over-reverse, ``vjp(grad(L), w)`` built once and reused for
+  every product: about one gradient per product, but keeps the gradient graph of all the
+  data in memory.
+
+``"auto"`` picks ``"reverse"`` when the estimated graph fits in a memory budget.
+
+Extreme eigenvalues come from :func:`lanczos` (full reorthogonalisation, a-posteriori
+error bound) or :func:`power_iteration`, both pure functions of a matvec. The spectral
+norm counts negative curvature: ``||H||_2 = max(|lambda_max|, |lambda_min|)``.
+
+The curvature is that of the loss *as training computes it*: BatchNorm uses batch
+statistics (train mode) and never updates its running statistics here; Dropout is
+switched off (its expectation), since a random operator has no eigenvalues. The model's
+parameters, buffers and train/eval flags are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp
+
+Batch = tuple[Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Matvec = Callable[[Tensor], Tensor]
+
+HVP_MODES = ("auto", "forward", "reverse")
+METHODS = ("lanczos", "power")
+
+
+# --------------------------------------------------------------------------------------
+# Eigen-solvers on a matvec (pure functions)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Extreme eigenvalues of a symmetric operator found by an iterative solver.
+
+    Attributes:
+        lambda_max: Largest (algebraic) eigenvalue estimate.
+        lambda_min: Smallest (algebraic) eigenvalue estimate.
+        num_matvecs: Products with the operator that were spent.
+        converged: Whether the stopping rule was met before ``max_iters``.
+        error_estimate: A-posteriori bound on the absolute error of the extreme
+            eigenvalue of largest magnitude (Lanczos), or its last relative change
+            times its magnitude (power iteration).
+    """
+
+    lambda_max: float
+    lambda_min: float
+    num_matvecs: int
+    converged: bool
+    error_estimate: float
+
+    @property
+    def spectral_norm(self) -> float:
+        """``max(|lambda_max|, |lambda_min|)``."""
+        return max(abs(self.lambda_max), abs(self.lambda_min))
+
+
+def _check_solver_args(v0: Tensor, max_iters: int, tol: float) -> None:
+    if v0.ndim != 1 or v0.numel() == 0:
+        raise ValueError(f"v0 must be a non-empty 1-D tensor, got shape {tuple(v0.shape)}")
+    if not torch.isfinite(v0).all() or float(v0.norm()) == 0.0:
+        raise ValueError("v0 must be finite and non-zero; draw it with random_unit_vector()")
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {max_iters=}")
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a positive finite number, got {tol=}")
+
+
+def _checked_product(matvec: Matvec, v: Tensor) -> Tensor:
+    w = matvec(v)
+    if w.shape != v.shape:
+        raise ValueError(f"matvec returned shape {tuple(w.shape)} for input {tuple(v.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError(
+            "the Hessian-vector product is not finite (NaN or inf): the loss is not twice "
+            "differentiable at these weights or overflows; check the inputs and the model"
+        )
+    return w
+
+
+def random_unit_vector(
+    dim: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """A standard normal vector of length ``dim`` scaled to unit norm.
+
+    Drawn on the CPU from ``generator`` (so the result does not depend on the device) and
+    then moved; the global RNG is untouched when a generator is given.
+    """
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim=}")
+    v = torch.randn(dim, generator=generator, dtype=torch.float64)
+    return (v / v.norm()).to(dtype=dtype, device=device)
+
+
+def power_iteration(
+    matvec: Matvec,
+    v0: Tensor,
+    *,
+    max_iters: int = 100,
+    tol: float = 1e-4,
+) -> tuple[float, Tensor, int, bool]:
+    """Power iteration for the eigenvalue of largest magnitude of a symmetric operator.
+
+    Iterates ``v <- A v / ||A v||`` with the Rayleigh quotient ``lambda = v^T A v`` and stops
+    when ``|lambda_k - lambda_{k-1}| <= tol * |lambda_k|`` (PyHessian's rule).
+
+    Args:
+        matvec: ``v -> A v`` for a symmetric ``A``.
+        v0: Start vector (1-D, non-zero).
+        max_iters: Maximum number of products.
+        tol: Relative tolerance on the change of the Rayleigh quotient.
+
+    Returns:
+        ``(eigenvalue, eigenvector, num_matvecs, converged)``; the eigenvalue is signed.
+
+    Raises:
+        ValueError: For bad arguments or a non-finite product.
+
+    Example:
+        >>> a = torch.diag(torch.tensor([3.0, -5.0, 1.0], dtype=torch.float64))
+        >>> lam, _, _, _ = power_iteration(lambda v: a @ v, torch.ones(3, dtype=a.dtype))
+        >>> round(lam, 3)
+        -5.0
+    """
+    _check_solver_args(v0, max_iters, tol)
+    v = v0 / v0.norm()
+    previous = None
+    eigenvalue = 0.0
+    for k in range(1, max_iters + 1):
+        w = _checked_product(matvec, v)
+        eigenvalue = float(torch.dot(v.double().flatten(), w.double().flatten()))
+        norm = w.norm()
+        if float(norm) == 0.0:  # v is in the null space: the eigenvalue is 0 exactly
+            return 0.0, v, k, True
+        if previous is not None and abs(eigenvalue - previous) <= tol * abs(eigenvalue):
+            return eigenvalue, w / norm, k, True
+        previous = eigenvalue
+        v = w / norm
+    return eigenvalue, v, max_iters, False
+
+
+def lanczos(
+    matvec: Matvec,
+    v0: Tensor,
+    *,
+    max_iters: int = 100,
+    tol: float = 1e-4,
+) -> EigenResult:
+    """Lanczos with full reorthogonalisation for both extreme eigenvalues.
+
+    After ``k`` products the Krylov basis ``Q_k`` and tridiagonal ``T_k = Q_k^T A Q_k`` give
+    Ritz values ``theta_i`` (eigenvalues of ``T_k``) with residuals
+    ``r_i = beta_k |s_{k,i}|`` (``s`` the eigenvectors of ``T_k``). An eigenvalue of ``A`` lies
+    within ``min(r_i, r_i^2 / gap_i)`` of ``theta_i`` (``gap_i`` the distance to the other
+    Ritz values). It stops when that bound, for both extreme Ritz values, is at most
+    ``tol * max(|theta_max|, |theta_min|)``; so ``tol`` is the relative accuracy of the
+    spectral norm.
+
+    Args:
+        matvec: ``v -> A v`` for a symmetric ``A``.
+        v0: Start vector (1-D, non-zero).
+        max_iters: Maximum number of products.
+        tol: Relative tolerance on the extreme eigenvalues (see above).
+
+    Returns:
+        An :class:`EigenResult`.
+
+    Raises:
+        ValueError: For bad arguments or a non-finite product.
+
+    Example:
+        >>> a = torch.diag(torch.tensor([3.0, -5.0, 1.0, 2.0], dtype=torch.float64))
+        >>> res = lanczos(lambda v: a @ v, torch.ones(4, dtype=a.dtype))
+        >>> round(res.lambda_max, 6), round(res.lambda_min, 6), res.spectral_norm
+        (3.0, -5.0, 5.0)
+    """
+    _check_solver_args(v0, max_iters, tol)
+    dim = v0.numel()
+    max_iters = min(max_iters, dim)
+    basis = torch.empty(min(max_iters, 16), dim, dtype=v0.dtype, device=v0.device)
+    basis[0] = v0 / v0.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    theta = torch.zeros(1, dtype=torch.float64)
+    error = math.inf
+    for k in range(max_iters):
+        q = basis[k]
+        w = _checked_product(matvec, q)
+        alpha = float(torch.dot(q.double(), w.double()))
+        alphas.append(alpha)
+        # Full reorthogonalisation, twice ("twice is enough"): keeps Ritz values from
+        # ghosting, cheap next to a Hessian-vector product.
+        active = basis[: k + 1]
+        for _ in range(2):
+            w = w - active.T @ (active @ w)
+        beta = float(w.norm())
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if k > 0:
+            off = torch.tensor(betas, dtype=torch.float64)
+            t = t + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, s = torch.linalg.eigh(t)
+        scale = max(abs(float(theta[0])), abs(float(theta[-1])))
+        residual = beta * s[-1].abs()
+        error = max(_ritz_error(theta, residual, 0), _ritz_error(theta, residual, -1))
+        num = k + 1
+        breakdown = beta <= 1e-10 * max(scale, 1e-300) or num == dim
+        if breakdown or (num >= 2 and error <= tol * scale) or (scale == 0.0 and beta == 0.0):
+            return EigenResult(float(theta[-1]), float(theta[0]), num, True, error)
+        if num == max_iters:
+            break
+        if num >= basis.shape[0]:
+            grown = torch.empty(
+                min(2 * basis.shape[0], max_iters), dim, dtype=v0.dtype, device=v0.device
+            )
+            grown[:num] = basis[:num]
+            basis = grown
+        basis[num] = w / beta
+        betas.append(beta)
+    return EigenResult(float(theta[-1]), float(theta[0]), max_iters, False, error)
+
+
+def _ritz_error(theta: Tensor, residual: Tensor, i: int) -> float:
+    """Error bound ``min(r, r^2 / gap)`` of the ``i``-th Ritz value."""
+    r = float(residual[i])
+    if theta.numel() == 1:
+        return r
+    neighbour = theta[1] if i == 0 else theta[-2]
+    gap = abs(float(theta[i] - neighbour))
+    return min(r, r * r / gap) if gap > 0 else r
+
+
+# --------------------------------------------------------------------------------------
+# The loss of a model over batches, and its Hessian-vector products
+# --------------------------------------------------------------------------------------
+
+
+def _batchnorm_modules(model: nn.Module) -> Iterator[nn.modules.batchnorm._BatchNorm]:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            yield module
+
+
+@contextlib.contextmanager
+def training_loss_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in the state in which its training loss is a fixed function of w.
+
+    Train mode (BatchNorm normalises with batch statistics) without updating BatchNorm's
+    running statistics, and Dropout off. Everything is restored on exit, including on error.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    tracking = [(m, m.track_running_stats) for m in _batchnorm_modules(model)]
+    try:
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.eval()
+        for module, _ in tracking:
+            # In train mode with track_running_stats False, BatchNorm passes no running
+            # buffers to F.batch_norm: batch statistics, and no in-place buffer update.
+            module.track_running_stats = False
+        yield model
+    finally:
+        for module, flag in tracking:
+            module.track_running_stats = flag
+        for module, flag in modes:
+            module.training = flag
+
+
+def materialize_batches(
+    batches: Iterable[Batch], device: torch.device | None = None
+) -> list[Batch]:
+    """Turn an iterable of ``(inputs, targets)`` into a list on ``device``.
+
+    Raises:
+        ValueError: If there are no batches, a batch is empty or not a pair, or the
+            inputs are not finite.
+    """
+    out: list[Batch] = []
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, Sequence) or len(batch) != 2:
+            raise ValueError(f"batch {i} must be an (inputs, targets) pair, got {type(batch)}")
+        x, y = batch
+        if len(x) == 0 or len(x) != len(y):
+            raise ValueError(
+                f"batch {i} has {len(x)} inputs and {len(y)} targets; batches must be "
+                "non-empty with one target per input"
+            )
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError(f"batch {i} has non-finite (NaN or inf) inputs; clean the data")
+        if device is not None:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out.append((x, y))
+    if not out:
+        raise ValueError("batches is empty; pass at least one (inputs, targets) batch")
+    return out
+
+
+def _check_targets(outputs: Tensor, targets: Tensor, batch_index: int) -> None:
+    """Class-index targets must lie in ``[0, num_classes)`` (cross-entropy style)."""
+    if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        if outputs.ndim >= 2 and targets.ndim == outputs.ndim - 1 and targets.numel():
+            num_classes = outputs.shape[1]
+            low, high = int(targets.min()), int(targets.max())
+            if low < 0 or high >= num_classes:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"label {bad} in batch {batch_index} is outside the class range "
+                    f"[0, {num_classes - 1}] of the model's {num_classes} outputs; "
+                    "fix the labels or the model's number of outputs"
+                )
+
+
+def _module_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        return p.device, p.dtype
+    raise ValueError("the model has no parameters")
+
+
+def _available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+class HessianOperator:
+    """The Hessian of the size-weighted mean loss of ``model`` over ``batches``.
+
+    A thin stateful wrapper: it holds the detached parameters, the batches and (in
+    ``"reverse"`` mode) the reusable gradient graph. Use it inside
+    :func:`training_loss_mode` (``hessian_spectral_norm`` does). Vectors are flat, in the
+    order of ``model.named_parameters()`` restricted to parameters that require grad.
+
+    Args:
+        model: The network; its current weights are the point ``w``.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
+        batches: List of ``(inputs, targets)`` pairs on the model's device.
+        hvp_mode: ``"forward"``, ``"reverse"`` or ``"auto"`` (see module docstring).
+        memory_fraction: In ``"auto"``, the share of free memory the reusable graph may
+            use before ``"forward"`` is chosen.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: list[Batch],
+        *,
+        hvp_mode: str = "auto",
+        memory_fraction: float = 0.25,
+    ) -> None:
+        if hvp_mode not in HVP_MODES:
+            raise ValueError(f"hvp_mode={hvp_mode!r} is not one of {HVP_MODES}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batches = batches
+        sizes = [len(x) for x, _ in batches]
+        total = sum(sizes)
+        self.weights = [n / total for n in sizes]
+        self.params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("the model has no parameters that require grad")
+        self.buffers = dict(model.named_buffers())
+        self.shapes = [p.shape for p in self.params.values()]
+        self.numels = [p.numel() for p in self.params.values()]
+        self.dim = sum(self.numels)
+        first = next(iter(self.params.values()))
+        self.dtype, self.device = first.dtype, first.device
+        self.num_products = 0
+        self.hvp_mode = self._choose_mode(memory_fraction) if hvp_mode == "auto" else hvp_mode
+        self._reverse_fn: Callable | None = None
+
+    # -- the loss -----------------------------------------------------------------------
+    def _batch_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        outputs = functional_call(self.model, (params, self.buffers), (x,))
+        return self.loss_fn(outputs, y)
+
+    def _total_loss(self, params: dict[str, Tensor]) -> Tensor:
+        total = None
+        for w, (x, y) in zip(self.weights, self.batches, strict=True):
+            term = w * self._batch_loss(params, x, y)
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def loss(self) -> float:
+        """The full-data loss ``L(w)``; validates targets and finiteness.
+
+        Raises:
+            ValueError: For labels outside the model's class range or a non-finite loss.
+        """
+        total = 0.0
+        with torch.no_grad():
+            for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
+                outputs = functional_call(self.model, (self.params, self.buffers), (x,))
+                _check_targets(outputs, y, i)
+                value = self.loss_fn(outputs, y)
+                if value.ndim != 0:
+                    raise ValueError(
+                        f"loss_fn must return a scalar (mean over the batch), got shape "
+                        f"{tuple(value.shape)}; use reduction='mean'"
+                    )
+                total += w * float(value)
+        if not math.isfinite(total):
+            raise ValueError(f"the loss at these weights is not finite (loss={total})")
+        return total
+
+    # -- vectors --------------------------------------------------------------------------
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector into a dict shaped like the parameters."""
+        chunks = vector.split(self.numels)
+        return {
+            name: c.view(shape)
+            for name, c, shape in zip(self.params, chunks, self.shapes, strict=True)
+        }
+
+    @staticmethod
+    def flatten(tensors: dict[str, Tensor] | Sequence[Tensor]) -> Tensor:
+        """Concatenate tensors (dict values in order) into one flat vector."""
+        values = tensors.values() if isinstance(tensors, dict) else tensors
+        return torch.cat([t.reshape(-1) for t in values])
+
+    def gradient(self) -> Tensor:
+        """The flat gradient ``grad L(w)`` (one backward pass per batch)."""
+        g = None
+        for w, (x, y) in zip(self.weights, self.batches, strict=True):
+            gb = self.flatten(grad(self._batch_loss)(self.params, x, y))
+            g = w * gb if g is None else g + w * gb
+        assert g is not None
+        return g
+
+    # -- Hessian-vector products ------------------------------------------------------------
+    def matvec(self, vector: Tensor) -> Tensor:
+        """``H v`` for a flat vector ``v`` (one Hessian-vector product)."""
+        self.num_products += 1
+        tangent = self.unflatten(vector.to(self.dtype))
+        if self.hvp_mode == "reverse":
+            if self._reverse_fn is None:
+                _, self._reverse_fn = vjp(grad(self._total_loss), self.params)
+            return self.flatten(self._reverse_fn(tangent)[0])
+        out = None
+        for w, (x, y) in zip(self.weights, self.batches, strict=True):
+
+            def batch_grad(p: dict[str, Tensor], x: Tensor = x, y: Tensor = y) -> dict:
+                return grad(self._batch_loss)(p, x, y)
+
+            _, hv = jvp(batch_grad, (self.params,), (tangent,))
+            hv_flat = self.flatten(hv)
+            out = w * hv_flat if out is None else out + w * hv_flat
+        assert out is not None
+        return out
+
+    __call__ = matvec
+
+    def release(self) -> None:
+        """Free the reusable graph of ``"reverse"`` mode."""
+        self._reverse_fn = None
+
+    def _choose_mode(self, memory_fraction: float) -> str:
+        """``"reverse"`` if ~4x the activations of all batches fit the memory budget."""
+        x0, _ = self.batches[0]
+        sizes: list[int] = []
+
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            if isinstance(out, Tensor):
+                sizes.append(out.numel() * out.element_size())
+
+        handles = [m.register_forward_hook(hook) for m in self.model.modules()]
+        try:
+            with torch.no_grad():
+                functional_call(self.model, (self.params, self.buffers), (x0[:1],))
+        finally:
+            for h in handles:
+                h.remove()
+        per_sample = sum(sizes) + x0[:1].numel() * x0.element_size()
+        total_samples = sum(len(x) for x, _ in self.batches)
+        # A double-backward graph saves activations, their gradients and BN/ReLU
+        # intermediates: ~4x the forward activations, plus a few copies of the weights.
+        param_bytes = self.dim * torch.empty((), dtype=self.dtype).element_size()
+        need = 4 * per_sample * total_samples + 4 * param_bytes
+        budget = memory_fraction * _available_memory_bytes(self.device)
+        return "reverse" if need <= budget else "forward"
+
+
+# --------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpectralNormResult:
+    """The Hessian spectral norm of a loss at one point of weight space.
+
+    Attributes:
+        value: ``max(|lambda_max|, |lambda_min|)``.
+        lambda_max: Largest eigenvalue of the Hessian.
+        lambda_min: Smallest eigenvalue (negative curvature shows up here).
+        num_hvps: Hessian-vector products spent.
+        converged: Whether the solver met its tolerance.
+        method: ``"lanczos"`` or ``"power"``.
+        hvp_mode: ``"forward"`` or ``"reverse"``.
+        loss: The full-data loss at these weights.
+        error_estimate: The solver's bound on the absolute error of ``value``.
+        seconds: Wall time.
+    """
+
+    value: float
+    lambda_max: float
+    lambda_min: float
+    num_hvps: int
+    converged: bool
+    method: str
+    hvp_mode: str
+    loss: float
+    error_estimate: float
+    seconds: float
+
+
+def _check_common(method: str, tol: float, max_iters: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if not (isinstance(tol, int | float) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a positive finite number, got {tol=}")
+    if not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"max_iters must be a positive integer, got {max_iters=}")
+
+
+def hessian_spectral_norm(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    *,
+    method: str = "lanczos",
+    tol: float = 1e-4,
+    max_iters: int = 100,
+    generator: torch.Generator | None = None,
+    hvp_mode: str = "auto",
+) -> SpectralNormResult:
+    """Spectral norm of the Hessian of the full-data loss at the model's weights.
+
+    ``||H||_2 = max(|lambda_max(H)|, |lambda_min(H)|)`` where
+    ``H = d^2/dw^2 sum_b (n_b/N) loss_fn(model(x_b; w), y_b)``.
+
+    Args:
+        model: The network (its weights are the point). Not modified: parameters,
+            buffers and train/eval mode are as before on return.
+        loss_fn: Mean-reduced loss ``loss_fn(outputs, targets)``, e.g.
+            ``torch.nn.functional.cross_entropy``.
+        batches: Iterable of ``(inputs, targets)``, e.g. a DataLoader or ``[(X, y)]``;
+            moved to the model's device.
+        method: ``"lanczos"`` (both extremes at once, a-posteriori stop) or ``"power"``
+            (power iteration for the dominant eigenvalue, then on ``H - lambda I`` for the
+            other end).
+        tol: Relative accuracy of the spectral norm.
+        max_iters: Maximum Hessian-vector products per solver run.
+        generator: Source of the random start vector (global RNG untouched if given).
+        hvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"``.
+
+    Returns:
+        A :class:`SpectralNormResult`.
+
+    Raises:
+        ValueError: Empty batches, labels outside the class range, a non-finite loss or
+            product, or a bad argument.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> net = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> res = hessian_spectral_norm(net, F.cross_entropy, [(x, y)])
+        >>> res.value == max(abs(res.lambda_max), abs(res.lambda_min))
+        True
+    """
+    _check_common(method, tol, max_iters)
+    start = time.perf_counter()
+    device, _ = _module_device_dtype(model)
+    data = materialize_batches(batches, device)
+    with training_loss_mode(model):
+        op = HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode)
+        loss = op.loss()
+        v0 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
+        try:
+            if method == "lanczos":
+                res = lanczos(op, v0, max_iters=max_iters, tol=tol)
+                lam_max, lam_min, converged = res.lambda_max, res.lambda_min, res.converged
+                error = res.error_estimate
+            else:
+                lam, _, _, ok1 = power_iteration(op, v0, max_iters=max_iters, tol=tol)
+                # The opposite end of the spectrum is the dominant eigenvalue of H - lam I.
+                v1 = random_unit_vector(
+                    op.dim, generator=generator, dtype=op.dtype, device=op.device
+                )
+                mu, _, _, ok2 = power_iteration(
+                    lambda v: op(v) - lam * v, v1, max_iters=max_iters, tol=tol
+                )
+                other = mu + lam
+                lam_max, lam_min = max(lam, other), min(lam, other)
+                converged = ok1 and ok2
+                error = tol * abs(lam)
+        finally:
+            op.release()
+    value = max(abs(lam_max), abs(lam_min))
+    return SpectralNormResult(
+        value=value,
+        lambda_max=lam_max,
+        lambda_min=lam_min,
+        num_hvps=op.num_products,
+        converged=converged,
+        method=method,
+        hvp_mode=op.hvp_mode,
+        loss=loss,
+        error_estimate=error,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def full_loss(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch]) -> float:
+    """The size-weighted mean loss over ``batches`` as training computes it, without grad.
+
+    The model is left unchanged (see :func:`training_loss_mode`).
+
+    Raises:
+        ValueError: Empty batches, bad labels, or a non-finite loss.
+    """
+    device, _ = _module_device_dtype(model)
+    data = materialize_batches(batches, device)
+    with training_loss_mode(model):
+        return HessianOperator(model, loss_fn, data, hvp_mode="forward").loss()

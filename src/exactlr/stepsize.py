@@ -1,0 +1,192 @@
+"""The paper's constant step size for Adam, and a one-call suggestion for a model.
+
+Theorems 1 and 2 of the paper give Adam's constant step size
+
+    alpha = sqrt( 2 (L(w0) - L*) / (K delta^2 T) ),
+
+with L(w0) the training loss at the initial weights, L* the minimum loss, K the Lipschitz
+smoothness of the loss (Hessian spectral norm bound), delta^2 = gamma^2 / rho^2 and T the
+number of optimizer steps. The practical rule sets L* = 0 and delta^2 = 1:
+alpha = sqrt(2 L(w0) / (K_hat T)).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from exactlr.curvature import Batch, LossFn, full_loss, materialize_batches
+from exactlr.smoothness import SmoothnessEstimate, estimate_smoothness
+
+
+def _finite_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a real number, got {name}={value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {name}={value}")
+    return value
+
+
+def exact_step_size(
+    initial_loss: float,
+    smoothness: float,
+    total_steps: int,
+    *,
+    min_loss: float = 0.0,
+    delta_sq: float = 1.0,
+) -> float:
+    """Adam's constant step size ``sqrt(2 (L(w0) - L*) / (K delta^2 T))``.
+
+    Args:
+        initial_loss: ``L(w0)``, the training loss at the initial weights.
+        smoothness: ``K``, the Lipschitz constant of the gradient (e.g. ``K_hat``).
+        total_steps: ``T``, optimizer steps (epochs x batches per epoch).
+        min_loss: ``L*``, a lower bound of the loss (0 for cross-entropy).
+        delta_sq: ``delta^2 = gamma^2 / rho^2``; the practical rule uses 1.
+
+    Returns:
+        The learning rate ``alpha``.
+
+    Raises:
+        ValueError: If a value is not finite, ``smoothness <= 0``, ``total_steps`` is not a
+            positive integer, ``delta_sq <= 0`` or ``initial_loss <= min_loss``.
+
+    Example:
+        >>> round(exact_step_size(2.3, 10.0, 100), 6)  # sqrt(2 * 2.3 / (10 * 100))
+        0.067823
+    """
+    initial_loss = _finite_number("initial_loss", initial_loss)
+    smoothness = _finite_number("smoothness", smoothness)
+    min_loss = _finite_number("min_loss", min_loss)
+    delta_sq = _finite_number("delta_sq", delta_sq)
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(
+            f"total_steps must be a positive integer (epochs x batches per epoch), "
+            f"got {total_steps=}"
+        )
+    if smoothness <= 0:
+        raise ValueError(
+            f"smoothness must be positive, got {smoothness=}; a zero Hessian norm means the "
+            "loss is linear in the weights here and the rule does not apply"
+        )
+    if delta_sq <= 0:
+        raise ValueError(f"delta_sq must be positive, got {delta_sq=}")
+    if initial_loss <= min_loss:
+        raise ValueError(
+            f"initial_loss={initial_loss} must exceed min_loss={min_loss}; the model is "
+            "already at (or below) the minimum loss"
+        )
+    return math.sqrt(2.0 * (initial_loss - min_loss) / (smoothness * delta_sq * total_steps))
+
+
+def default_make_model(model: nn.Module) -> Callable[[], nn.Module]:
+    """Samples of W for ``model``: copies re-initialised with the model's own init.
+
+    Models built by :mod:`exactlr.models` are re-drawn with their preset (e.g. the paper's
+    N(0, sigma)); any other model gets ``reset_parameters()`` on every submodule (PyTorch's
+    default initialisation).
+    """
+    from exactlr.models import reinitialize
+
+    def make() -> nn.Module:
+        return reinitialize(copy.deepcopy(model))
+
+    return make
+
+
+@dataclass(frozen=True)
+class LRSuggestion:
+    """A learning rate for Adam and its evidence.
+
+    Attributes:
+        lr: ``alpha = sqrt(2 L(w0) / (K_hat T))``.
+        k_hat: The smoothness estimate used.
+        initial_loss: ``L(w0)`` measured on the model to be trained.
+        total_steps: ``T``.
+        estimate: Algorithm 2's full result (per-sample values, running max).
+    """
+
+    lr: float
+    k_hat: float
+    initial_loss: float
+    total_steps: int
+    estimate: SmoothnessEstimate = field(repr=False)
+
+
+def suggest_lr(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    *,
+    total_steps: int,
+    make_model: Callable[[], nn.Module] | None = None,
+    num_samples: int = 10,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    **smoothness_kwargs: object,
+) -> LRSuggestion:
+    """The paper's learning rate for training ``model`` with Adam for ``total_steps``.
+
+    Measures ``L(w0)`` on ``model`` as it is (unchanged), estimates ``K_hat`` with
+    Algorithm 2 over ``num_samples`` fresh initialisations, and returns
+    ``sqrt(2 L(w0) / (K_hat T))``.
+
+    Args:
+        model: The model that will be trained, at its initial weights.
+        loss_fn: Mean-reduced loss, e.g. ``torch.nn.functional.cross_entropy``.
+        batches: The training data as ``(inputs, targets)`` batches.
+        total_steps: T, the number of optimizer steps (epochs x batches per epoch).
+        make_model: Returns a fresh model of the architecture; default: copies of
+            ``model`` re-initialised (:func:`default_make_model`).
+        num_samples: Weight samples for K_hat.
+        generator: Seeds the weight samples and solvers.
+        progress: Show a progress bar during estimation.
+        **smoothness_kwargs: Passed to :func:`estimate_smoothness` (``variant``,
+            ``patience``, ``method``, ``tol``, ``max_iters``, ``hvp_mode``).
+
+    Returns:
+        An :class:`LRSuggestion`.
+
+    Raises:
+        ValueError: Bad ``total_steps`` or ``num_samples``, empty batches, a non-finite
+            loss, labels outside the class range.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> net = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> s = suggest_lr(net, F.cross_entropy, [(x, y)], total_steps=100, num_samples=2)
+        >>> s.lr > 0
+        True
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(
+            f"total_steps must be a positive integer (epochs x batches per epoch), "
+            f"got {total_steps=}"
+        )
+    params = list(model.parameters())
+    data = materialize_batches(batches, params[0].device if params else None)
+    initial_loss = full_loss(model, loss_fn, data)
+    estimate = estimate_smoothness(
+        make_model or default_make_model(model),
+        loss_fn,
+        data,
+        num_samples=num_samples,
+        generator=generator,
+        progress=progress,
+        **smoothness_kwargs,
+    )
+    lr = exact_step_size(initial_loss, estimate.k_hat, total_steps)
+    return LRSuggestion(
+        lr=lr,
+        k_hat=estimate.k_hat,
+        initial_loss=initial_loss,
+        total_steps=total_steps,
+        estimate=estimate,
+    )
