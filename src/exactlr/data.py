@@ -423,11 +423,13 @@ def _fetch(url: str, dest: Path, md5: str) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
         digest = hashlib.md5(usedforsecurity=False)
-        with os.fdopen(fd, "wb") as out:
-            with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
+        with (
+            os.fdopen(fd, "wb") as out,
+            urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response,
+        ):
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
         if digest.hexdigest() != md5:
             raise ValueError(f"{url}: MD5 {digest.hexdigest()} does not match {md5}")
         os.replace(tmp_name, dest)
@@ -574,10 +576,10 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset name={name!r}; valid names: {sorted(DATASETS)}")
-    if subset not in SUBSETS:
-        raise ValueError(f"unknown subset={subset!r}; valid subsets: {list(SUBSETS)}")
     if name == "synthetic":
         return synthetic_classification(seed=seed)
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown subset={subset!r}; valid subsets: {list(SUBSETS)}")
     if name == "mnist":
         train = load_mnist(data_dir, train=True, download=download)
         test = load_mnist(data_dir, train=False, download=download)

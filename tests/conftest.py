@@ -1,0 +1,22 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The offline dataset copies (`MNIST/raw`, `cifar-10-batches-py`), see shared/data/README."""
+    candidates = [_SHARED_DATA]
+    if os.environ.get("EXACTLR_DATA"):
+        candidates.append(Path(os.environ["EXACTLR_DATA"]))
+    for path in candidates:
+        if path.is_dir():
+            return path
+    pytest.skip(f"offline data folder not found (looked in {candidates}); set EXACTLR_DATA")
