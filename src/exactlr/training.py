@@ -1,0 +1,496 @@
+"""One training run: Adam with one compared method, per-epoch metrics.
+
+`train_run` trains a copy of the given model (at w0; the caller guarantees the same w0
+across methods) with `torch.optim.Adam(lr, betas, eps)`, no weight decay, cross-entropy
+(mean), and records after every epoch e = 0..E (0 = at w0, before any step):
+
+- `grad_norm`: the paper's gradient norm, sqrt(mean_b ||g_b||^2) over the epoch's
+  training steps b (at e = 0: over the training batches at w0, without stepping).
+- `grad_norm_full`: ||grad L(w_e)||, the exact gradient of the full training loss
+  L(w) = sum_b (n_b / N) l_b(w) at the epoch's end weights w_e.
+- `train_loss`, `train_acc`: L(w_e) and the accuracy of the same forward pass.
+- `test_loss`, `test_acc`: on the test set, same mode, no gradient.
+
+Full-data quantities are computed as training computes the loss
+(`exactlr.curvature.training_loss_mode`: BatchNorm with batch statistics, no running-stat
+updates, Dropout off). With BatchNorm in batch-statistics mode the loss depends on how the
+data are split into batches, so the evaluation batches are fixed:
+
+- full batch: the one training batch (the loss is exactly the training objective);
+- mini-batch with BatchNorm: `make_batches(train, batch_size)`, unshuffled;
+- mini-batch without BatchNorm: chunks of up to `EVAL_CHUNK` samples (the value does not
+  depend on the chunking then).
+
+Full batch, the gradient at the end weights of epoch e is the gradient of step e + 1,
+so it is computed once and used for both (the run costs E + 1 gradients, not 2E).
+Mini-batch, the exact full gradient costs one extra pass over the training set per epoch.
+
+Example:
+    >>> train, test = synthetic_classification(num_train=200, num_test=50)
+    >>> model = build_model("fc1x32", dataset="synthetic", generator=torch.Generator())
+    >>> cfg = TrainConfig("synthetic", "mini", "fc1x32", MethodSpec("ours", "ours", 0.01),
+    ...                   epochs=3, batch_size=None)
+    >>> result = train_run(cfg, model, train, test)
+    >>> len(result.metrics)
+    4
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from exactlr.curvature import training_loss_mode
+from exactlr.data import ArrayDataset, make_batches
+from exactlr.schedules import MethodSpec, build_scheduler
+
+__all__ = [
+    "EVAL_CHUNK",
+    "EpochMetrics",
+    "RunResult",
+    "TrainConfig",
+    "train_run",
+    "validate_config",
+]
+
+#: Largest evaluation chunk (samples) for models whose loss does not depend on batching.
+EVAL_CHUNK = 10_000
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One run: everything that determines its result (besides w0, given by the caller)."""
+
+    dataset: str
+    """Dataset name: "mnist", "cifar10" or "synthetic"."""
+    subset: str
+    """"mini" (the paper's small subsets) or "full"."""
+    model: str
+    """Model name for `exactlr.models.build_model`, e.g. "fc3x1000", "lenet", "vgg9"."""
+    method: MethodSpec
+    """The compared method (ours, a constant LR or a scheduler)."""
+    epochs: int
+    """Number of epochs E (full batch: E optimizer steps)."""
+    batch_size: int | None
+    """Mini-batch size; None for full-batch training."""
+    seed: int = 0
+    """Seed of w0 (used by the caller) and of the batch shuffling."""
+    init: str = "paper"
+    """Initialisation preset of the model ("paper" or "pytorch")."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's betas."""
+    eps: float = 1e-8
+    """Adam's eps (the paper's rho)."""
+    num_train: int | None = None
+    """Cap on training samples (the first `num_train` are used); None = all of the subset."""
+
+    def run_name(self) -> str:
+        """Deterministic, file-name-safe name, e.g. "mnist-mini__fc3x1000__ours__seed0".
+
+        Suffixes only for non-default settings: "__e{epochs}" (epochs != 100),
+        "__b{batch_size}", "__eps{eps:g}" (eps != 1e-8), "__n{num_train}",
+        "__init-{init}" (init != "paper").
+        """
+        name = f"{self.dataset}-{self.subset}__{self.model}__{self.method.name}__seed{self.seed}"
+        if self.epochs != 100:
+            name += f"__e{self.epochs}"
+        if self.batch_size is not None:
+            name += f"__b{self.batch_size}"
+        if self.eps != 1e-8:
+            name += f"__eps{self.eps:g}"
+        if self.num_train is not None:
+            name += f"__n{self.num_train}"
+        if self.init != "paper":
+            name += f"__init-{self.init}"
+        return name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (the method as a dict, betas as a list)."""
+        data = asdict(self)
+        data["method"] = self.method.to_dict()
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; unknown keys raise `ValueError`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}")
+        kwargs = dict(data)
+        method = kwargs["method"]
+        kwargs["method"] = (
+            method if isinstance(method, MethodSpec) else MethodSpec.from_dict(method)
+        )
+        if "betas" in kwargs:
+            beta1, beta2 = kwargs["betas"]
+            kwargs["betas"] = (float(beta1), float(beta2))
+        return cls(**kwargs)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Checks a config's values up front.
+
+    Raises:
+        ValueError: Naming the value: `epochs < 1`, `batch_size < 1`, `num_train < 1`,
+            `eps <= 0`, a non-positive or non-finite LR, betas outside [0, 1), an unknown
+            subset.
+    """
+    if cfg.epochs < 1:
+        raise ValueError(f"epochs={cfg.epochs} must be at least 1")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise ValueError(f"batch_size={cfg.batch_size} must be at least 1 (or None)")
+    if cfg.num_train is not None and cfg.num_train < 1:
+        raise ValueError(f"num_train={cfg.num_train} must be at least 1 (or None)")
+    if not (math.isfinite(cfg.eps) and cfg.eps > 0):
+        raise ValueError(f"eps={cfg.eps} must be positive and finite")
+    lr = cfg.method.lr
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr} of method {cfg.method.name!r} must be positive and finite")
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise ValueError(f"betas={cfg.betas} must be two values in [0, 1)")
+    if cfg.subset not in ("mini", "full"):
+        raise ValueError(f"subset={cfg.subset!r} must be 'mini' or 'full'")
+
+
+@dataclass
+class EpochMetrics:
+    """Metrics after epoch `epoch` (0 = at w0, before training)."""
+
+    epoch: int
+    """Epoch index e; 0 is the initial point w0."""
+    grad_norm: float
+    """sqrt(mean over the epoch's training batches of ||g_b||^2) (the paper's)."""
+    grad_norm_full: float
+    """||grad L(w_e)||: exact full training-loss gradient norm at the end weights."""
+    train_loss: float
+    """L(w_e), the full training loss at the end weights."""
+    train_acc: float
+    """Training accuracy at the end weights, in [0, 1]."""
+    test_loss: float
+    """Test loss at the end weights."""
+    test_acc: float
+    """Test accuracy at the end weights, in [0, 1]."""
+    lr: float
+    """LR in force during the epoch (mean over its steps for per-batch schedulers);
+    at epoch 0 the initial LR."""
+    seconds: float
+    """Cumulative wall time since the start of the run, metrics included."""
+
+    def is_finite(self) -> bool:
+        """True when no loss or gradient norm is NaN or inf."""
+        values = (self.grad_norm, self.grad_norm_full, self.train_loss, self.test_loss)
+        return all(math.isfinite(v) for v in values)
+
+
+#: Names of the per-epoch metric fields, in order.
+METRIC_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EpochMetrics))
+
+
+@dataclass
+class RunResult:
+    """The outcome of `train_run`."""
+
+    config: TrainConfig
+    """The run's config."""
+    metrics: list[EpochMetrics]
+    """One entry per epoch 0..E (fewer when the run diverged)."""
+    diverged_at: int | None
+    """First epoch whose loss or gradient was NaN/inf (its metrics are the last), or None."""
+    seconds: float
+    """Total wall time."""
+    device: str = field(default="cpu")
+    """Device the run used, e.g. "cpu", "cuda:0"."""
+
+    def metrics_dict(self) -> dict[str, list[float]]:
+        """Metrics as columns: field name -> list over epochs."""
+        return {name: [getattr(m, name) for m in self.metrics] for name in METRIC_FIELDS}
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def _grad_sq_norm(params: Sequence[nn.Parameter]) -> Tensor:
+    """sum_p ||p.grad||^2 as a 0-d float64 tensor on the parameters' device (no sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=params[0].device)
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
+    return norms.square().sum()
+
+
+@dataclass
+class _Totals:
+    """Device-side accumulators of a pass over data (one `.item()` set per epoch)."""
+
+    loss: Tensor
+    correct: Tensor
+    count: int
+
+    def mean_loss(self) -> float:
+        return float(self.loss.item()) / self.count
+
+    def accuracy(self) -> float:
+        return float(self.correct.item()) / self.count
+
+
+def _forward_totals(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean loss (with graph), summed loss (float64, detached) and number correct."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    correct = (logits.detach().argmax(dim=1) == y).sum()
+    return loss, loss.detach().double() * len(y), correct
+
+
+def _full_pass(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    batches: Sequence[Batch],
+    *,
+    with_grad: bool,
+    batch_grad_sq: bool = False,
+) -> tuple[_Totals, Tensor | None, Tensor | None]:
+    """Size-weighted full loss over `batches` in training-loss mode.
+
+    Returns the totals, ||grad L||^2 (if `with_grad`) and sum_b ||grad l_b||^2 (if
+    `batch_grad_sq`). Leaves the full gradient in `p.grad`.
+    """
+    device = params[0].device
+    total = sum(len(y) for _, y in batches)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    batch_sq = torch.zeros((), dtype=torch.float64, device=device) if batch_grad_sq else None
+    if with_grad:
+        for p in params:
+            p.grad = None
+    with training_loss_mode(model), torch.set_grad_enabled(with_grad):
+        for x, y in batches:
+            loss, summed, right = _forward_totals(model, x, y)
+            loss_sum += summed
+            correct += right
+            if not with_grad:
+                continue
+            weight = len(y) / total
+            if batch_sq is None:
+                (loss * weight).backward()
+            else:
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for p, g in zip(params, grads, strict=True):
+                    if g is None:
+                        continue
+                    batch_sq += torch.linalg.vector_norm(g, dtype=torch.float64).square()
+                    if p.grad is None:
+                        p.grad = g * weight
+                    else:
+                        p.grad.add_(g, alpha=weight)
+    totals = _Totals(loss_sum, correct, total)
+    return totals, (_grad_sq_norm(params) if with_grad else None), batch_sq
+
+
+def _progress(iterable: range, enabled: bool, desc: str) -> Iterator[int]:
+    if not enabled:
+        return iter(iterable)
+    from tqdm.auto import tqdm  # optional dependency, imported only when asked for
+
+    return tqdm(iterable, desc=desc, unit="epoch")
+
+
+# ------------------------------------------------------------------------------ train
+
+
+def train_run(
+    cfg: TrainConfig,
+    model: nn.Module,
+    train: ArrayDataset,
+    test: ArrayDataset,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> RunResult:
+    """Trains a copy of `model` (at w0) with Adam and the method of `cfg`.
+
+    The update is Adam's, w_{k+1} = w_k - lr_k m_hat_k / (sqrt(v_hat_k) + eps), on the
+    cross-entropy of each batch; mini-batches are reshuffled every epoch with a
+    `torch.Generator` seeded by `cfg.seed` (the global RNG is never used). The data are
+    moved to `device` in the model's floating dtype (so a float64 model trains in float64).
+
+    Args:
+        cfg: The run's config (validated with `validate_config`).
+        model: The model at w0; it is deep-copied and never modified.
+        train: Training set (capped to its first `cfg.num_train` samples if set).
+        test: Test set.
+        device: Device to train on.
+        progress: Show a tqdm bar over epochs (needs tqdm).
+        on_epoch: Called with each epoch's metrics as soon as they are known.
+
+    Returns:
+        The per-epoch metrics (epochs 0..E, or up to the divergence epoch).
+
+    Raises:
+        ValueError: A bad config, or `batch_size` larger than the training set.
+    """
+    validate_config(cfg)
+    start = time.perf_counter()
+    device = torch.device(device)
+    net = copy.deepcopy(model).to(device)
+    net.train()
+    dtype = _param_dtype(net)
+    params = [p for p in net.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+
+    if cfg.num_train is not None and len(train) > cfg.num_train:
+        train = ArrayDataset(
+            train.inputs[: cfg.num_train],
+            train.targets[: cfg.num_train],
+            train.num_classes,
+            train.name,
+        )
+    train = train.to(device, dtype=dtype)
+    test = test.to(device, dtype=dtype)
+    full_batch = cfg.batch_size is None
+    batch_size = len(train) if full_batch else cfg.batch_size
+    assert batch_size is not None
+    if batch_size > len(train):
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the training set ({len(train)} samples)"
+        )
+    train_batches = make_batches(train, batch_size)  # unshuffled, fixed
+    steps_per_epoch = len(train_batches)
+    batchnorm = _has_batchnorm(net)
+    if full_batch or batchnorm:
+        eval_batches = train_batches
+    else:
+        eval_batches = make_batches(train, min(EVAL_CHUNK, len(train)))
+    test_batches = make_batches(test, len(test) if full_batch else min(batch_size, len(test)))
+    # Full batch without Dropout: the training forward at w_e is the metrics' forward.
+    reuse = full_batch and not _has_dropout(net)
+
+    optimizer = torch.optim.Adam(
+        params, lr=cfg.method.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0
+    )
+    scheduler = None
+    per_batch = False
+    if cfg.method.kind == "scheduler":
+        assert cfg.method.scheduler is not None
+        scheduler, per_batch = build_scheduler(
+            cfg.method.scheduler, optimizer, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch
+        )
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def test_metrics() -> _Totals:
+        return _full_pass(net, params, test_batches, with_grad=False)[0]
+
+    def record(
+        epoch: int, grad_norm: float, totals: _Totals, full_sq: Tensor, lr: float
+    ) -> EpochMetrics:
+        tested = test_metrics()
+        return EpochMetrics(
+            epoch=epoch,
+            grad_norm=grad_norm,
+            grad_norm_full=math.sqrt(float(full_sq.item())),
+            train_loss=totals.mean_loss(),
+            train_acc=totals.accuracy(),
+            test_loss=tested.mean_loss(),
+            test_acc=tested.accuracy(),
+            lr=lr,
+            seconds=time.perf_counter() - start,
+        )
+
+    # Epoch 0: at w0. The paper's grad_norm over the (unshuffled) training batches.
+    same_batches = eval_batches is train_batches
+    totals, full_sq, batch_sq = _full_pass(
+        net, params, eval_batches, with_grad=True, batch_grad_sq=not full_batch and same_batches
+    )
+    assert full_sq is not None
+    if full_batch:
+        batch_sq = full_sq
+    elif batch_sq is None:
+        batch_sq = _full_pass(net, params, train_batches, with_grad=True, batch_grad_sq=True)[2]
+        # That pass overwrote p.grad; the full gradient is not needed mini-batch.
+    assert batch_sq is not None
+    grad0 = math.sqrt(float(batch_sq.item()) / (1 if full_batch else steps_per_epoch))
+    metrics = [record(0, grad0, totals, full_sq, optimizer.param_groups[0]["lr"])]
+    if on_epoch is not None:
+        on_epoch(metrics[0])
+    diverged_at = None if metrics[0].is_finite() else 0
+    if diverged_at is not None:
+        return RunResult(cfg, metrics, diverged_at, time.perf_counter() - start, str(device))
+
+    bar = _progress(range(1, cfg.epochs + 1), progress, cfg.run_name())
+    for epoch in bar:
+        lr_sum = 0.0
+        if full_batch:
+            if reuse:
+                # p.grad holds grad L(w_{e-1}) from the last full pass: this step's gradient.
+                grad_norm = metrics[-1].grad_norm_full
+            else:
+                # Dropout: the training gradient differs from the metrics' (Dropout off).
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(net(train_batches[0][0]), train_batches[0][1]).backward()
+                grad_norm = math.sqrt(float(_grad_sq_norm(params).item()))
+            lr_sum += optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        else:
+            batch_sq = torch.zeros((), dtype=torch.float64, device=device)
+            for x, y in make_batches(train, batch_size, shuffle=True, generator=generator):
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(net(x), y).backward()
+                batch_sq += _grad_sq_norm(params)
+                lr_sum += optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                if per_batch and scheduler is not None:
+                    scheduler.step()
+            if scheduler is not None and not per_batch:
+                scheduler.step()
+            grad_norm = math.sqrt(float(batch_sq.item()) / steps_per_epoch)
+        totals, full_sq, _ = _full_pass(net, params, eval_batches, with_grad=True)
+        assert full_sq is not None
+        metrics.append(record(epoch, grad_norm, totals, full_sq, lr_sum / steps_per_epoch))
+        if progress and hasattr(bar, "set_postfix"):
+            bar.set_postfix(
+                loss=f"{metrics[-1].train_loss:.4g}", grad=f"{metrics[-1].grad_norm_full:.3g}"
+            )
+        if on_epoch is not None:
+            on_epoch(metrics[-1])
+        if not metrics[-1].is_finite():
+            diverged_at = epoch
+            break
+    if hasattr(bar, "close"):
+        bar.close()
+    return RunResult(
+        config=cfg,
+        metrics=metrics,
+        diverged_at=diverged_at,
+        seconds=time.perf_counter() - start,
+        device=str(device),
+    )
