@@ -8,10 +8,13 @@ as one line on stderr with exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -135,7 +138,7 @@ def _cmd_lr(args: argparse.Namespace) -> int:
         f"model {args.model} ({args.init} init), data {args.dataset}/{args.subset} "
         f"({len(train)} samples), {len(batches)} batch(es) per epoch, device {device}"
     )
-    print(f"  sample  ||H||_2       lambda_max    lambda_min    HVPs  seconds")
+    print("  sample  ||H||_2       lambda_max    lambda_min    HVPs  seconds")
     for r in est.records:
         print(
             f"  {r.index:>6}  {r.value:<12.6g}  {r.lambda_max:<12.6g}  {r.lambda_min:<12.6g}"
@@ -148,6 +151,122 @@ def _cmd_lr(args: argparse.Namespace) -> int:
     print(f"L(w0)  = {suggestion.initial_loss:.6g}")
     print(f"T      = {suggestion.total_steps}  ({args.epochs} epochs x {len(batches)} steps)")
     print(f"lr     = sqrt(2 L(w0) / (K_hat T)) = {suggestion.lr:.6g}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# exactlr run / plot / report / list / demo
+# --------------------------------------------------------------------------------------
+
+
+def _out_dir(text: str) -> str:
+    """An output folder: may not exist yet, must not be an existing file."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise UsageError(f"--out {text} is an existing file, not a folder")
+    return text
+
+
+def _check_figure(name: str, scale: str | None = None) -> None:
+    from exactlr.experiments import SCALES, figure_names
+
+    if name not in figure_names():
+        raise UsageError(f"unknown figure {name!r}; valid figures: {', '.join(figure_names())}")
+    if scale is not None and scale not in SCALES:
+        raise UsageError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from exactlr.experiments import run_figure
+
+    _check_figure(args.figure, args.scale)
+    out = _out_dir(args.out)
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    paths = run_figure(
+        args.figure,
+        scale=args.scale,
+        out_dir=out,
+        device=device,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        progress=not args.quiet,
+        epochs=args.epochs,
+    )
+    print(
+        f"{args.figure} ({args.scale}): {len(paths)} runs in {out}/runs "
+        f"({time.perf_counter() - start:.1f} s); next: exactlr report {args.figure} "
+        f"--scale {args.scale} --out {out}"
+    )
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from exactlr.plotting import plot_figure, plot_smoothness
+
+    _check_figure(args.figure, args.scale)
+    out = _out_dir(args.out)
+    paths = plot_figure(args.figure, out_dir=out, scale=args.scale)
+    with contextlib.suppress(FileNotFoundError):  # runs made elsewhere may lack the cache
+        paths += plot_smoothness(args.figure, out_dir=out, scale=args.scale)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _write_report(figure: str, scale: str, out: str) -> tuple[dict, str, Path]:
+    from exactlr.report import figure_report, format_markdown
+    from exactlr.results import write_json_atomic
+
+    report = figure_report(figure, out_dir=out, scale=scale)
+    text = format_markdown(report)
+    md_path = Path(out) / "reports" / f"{figure}-{scale}.md"
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = md_path.with_name(f".{md_path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, md_path)
+    write_json_atomic(md_path.with_suffix(".json"), report)
+    return report, text, md_path
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    _check_figure(args.figure, args.scale)
+    out = _out_dir(args.out)
+    report, text, _ = _write_report(args.figure, args.scale, out)
+    if args.format == "json":
+        print(json.dumps(report, indent=2, allow_nan=False))
+    else:
+        print(text, end="")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from exactlr.experiments import list_figures
+
+    print(list_figures())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from exactlr.experiments import run_figure
+    from exactlr.plotting import plot_figure, plot_smoothness
+
+    out = _out_dir(args.out)
+    start = time.perf_counter()
+    run_figure(
+        "demo",
+        scale="cpu",
+        out_dir=out,
+        device=resolve_device(args.device),
+        seed=args.seed,
+        progress=not args.quiet,
+        epochs=args.epochs,
+    )
+    plots = plot_figure("demo", out_dir=out, scale="cpu")
+    plots += plot_smoothness("demo", out_dir=out, scale="cpu")
+    _, text, md_path = _write_report("demo", "cpu", out)
+    print(text, end="")
+    print(f"\nplots: {', '.join(str(p) for p in plots)}")
+    print(f"table: {md_path}   ({time.perf_counter() - start:.1f} s)")
     return 0
 
 
@@ -188,6 +307,41 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--json", action="store_true", help="machine-readable output")
     add_common_data_args(lr)
     lr.set_defaults(func=_cmd_lr)
+
+    scales = "smoke (seconds, plumbing only), cpu (reduced, laptop) or paper (full size)"
+    run = sub.add_parser("run", help="run (or resume) the runs of one of the paper's figures")
+    run.add_argument("figure", help="fig1 .. fig16, init or demo (see `exactlr list`)")
+    run.add_argument("--scale", default="cpu", help=scales)
+    run.add_argument("--out", default="results", help="results folder (default: results)")
+    run.add_argument("--epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
+    add_common_data_args(run)
+    run.set_defaults(func=_cmd_run)
+
+    plot = sub.add_parser("plot", help="draw a figure from its result files")
+    plot.add_argument("figure")
+    plot.add_argument("--out", default="results", help="results folder (default: results)")
+    plot.add_argument("--scale", default="cpu", help=scales)
+    plot.set_defaults(func=_cmd_plot)
+
+    report = sub.add_parser("report", help="verdict table of a figure from its result files")
+    report.add_argument("figure")
+    report.add_argument("--out", default="results", help="results folder (default: results)")
+    report.add_argument("--scale", default="cpu", help=scales)
+    report.add_argument("--format", default="md", choices=["md", "json"])
+    report.set_defaults(func=_cmd_report)
+
+    lister = sub.add_parser("list", help="the figures and scales")
+    lister.set_defaults(func=_cmd_list)
+
+    demo = sub.add_parser(
+        "demo", help="ours vs schedulers and constant LRs on built-in synthetic data (~1 min)"
+    )
+    demo.add_argument("--out", default="results/demo", help="results folder")
+    demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 
@@ -198,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # One line: multi-line messages (e.g. the list of searched paths) are joined.
+        message = " ".join(str(e).split()) or type(e).__name__
         print(f"exactlr: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
