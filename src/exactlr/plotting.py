@@ -1,0 +1,188 @@
+"""Figures like the paper's, drawn from result files only (matplotlib, Agg backend).
+
+:func:`plot_figure` draws one row of three panels per row of the figure (per variation):
+gradient norm (log y), training loss (log y) and test accuracy against the epoch, one
+line per method with its legend label (e.g. "Ours (0.045)", the measured LR). A diverged
+run is drawn up to its last finite epoch and ends in an "x". :func:`plot_smoothness`
+draws Algorithm 2's K_hat samples and their running maximum (Theorem 4) from the LR cache.
+
+Example:
+    >>> paths = plot_figure("fig1", out_dir="results", scale="cpu")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+
+from exactlr.report import load_figure_runs
+
+__all__ = ["PANELS", "plot_figure", "plot_smoothness"]
+
+#: (metric field, y-axis label, log scale) of the three panels.
+PANELS: tuple[tuple[str, str, bool], ...] = (
+    ("grad_norm", "Gradient norm", True),
+    ("train_loss", "Training loss", True),
+    ("test_acc", "Test accuracy", False),
+)
+
+_OURS_STYLE = {"color": "black", "linewidth": 2.2, "zorder": 5}
+
+
+def _series(values: list[float], epochs: list[int], log: bool) -> tuple[list[int], list[float]]:
+    """The finite (and, on a log axis, positive) points."""
+    xs, ys = [], []
+    for x, y in zip(epochs, values, strict=True):
+        if y is None or not math.isfinite(y) or (log and y <= 0):
+            continue
+        xs.append(x)
+        ys.append(y)
+    return xs, ys
+
+
+def _style(run: dict[str, Any], index: int) -> dict[str, Any]:
+    if run.get("role") == "ours" and not run.get("series"):
+        return dict(_OURS_STYLE)
+    cmap = plt.get_cmap("tab20" if index >= 10 else "tab10")
+    style: dict[str, Any] = {"color": cmap(index % cmap.N), "linewidth": 1.3}
+    if run.get("role") == "ours_variant":
+        style["linestyle"] = "--"
+    return style
+
+
+def plot_figure(
+    name: str,
+    *,
+    out_dir: str | os.PathLike[str],
+    scale: str,
+    formats: tuple[str, ...] = ("png", "pdf"),
+) -> list[Path]:
+    """Draws a figure from its result files into ``out_dir/plots/<name>-<scale>.<fmt>``.
+
+    Args:
+        name: Figure name.
+        out_dir: Results root given to ``run_figure``.
+        scale: Scale name.
+        formats: File formats to write.
+
+    Returns:
+        The written files.
+
+    Raises:
+        FileNotFoundError: The figure has not been run at this scale in ``out_dir``.
+        ValueError: No run of the figure has a result yet.
+    """
+    root = Path(out_dir)
+    manifest, runs, missing = load_figure_runs(name, out_dir=root, scale=scale)
+    if not runs:
+        raise ValueError(f"no finished runs of {name} at scale {scale} in {root} to plot")
+    rows = manifest.get("rows") or [""]
+    fig, axes = plt.subplots(len(rows), len(PANELS), figsize=(15, 3.9 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        row_runs = [run for run in runs if run.get("row", "") == row]
+        for c, (field, ylabel, log) in enumerate(PANELS):
+            ax = axes[r][c]
+            others = 0
+            for run in row_runs:
+                metrics = run["result"]["metrics"]
+                xs, ys = _series(metrics[field], metrics["epoch"], log)
+                if not xs:
+                    continue
+                is_ours = run.get("role") == "ours" and not run.get("series")
+                style = _style(run, 0 if is_ours else others)
+                others += 0 if is_ours else 1
+                (line,) = ax.plot(xs, ys, label=run["legend"], **style)
+                if run["result"].get("diverged_at") is not None:
+                    ax.plot(xs[-1:], ys[-1:], marker="x", markersize=9, color=line.get_color())
+            if log:
+                ax.set_yscale("log")
+            ax.set_xlabel("Epochs")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="major", alpha=0.3)
+            if c == 0 and row:
+                ax.set_title(row, loc="left", fontsize=10)
+        handles, labels = axes[r][0].get_legend_handles_labels()
+        if handles:
+            axes[r][-1].legend(
+                handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5)
+            )
+    title = f"{name} ({scale}): {manifest.get('title', '')}"
+    if missing:
+        title += f"  [{len(missing)} run(s) missing]"
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    plots = root / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = plots / f"{name}-{scale}.{fmt}"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def plot_smoothness(
+    name: str, *, out_dir: str | os.PathLike[str], scale: str, formats: tuple[str, ...] = ("png",)
+) -> list[Path]:
+    """Draws K_hat's samples and running maximum vs sample index, one panel per setting.
+
+    Reads the LR cache entries (``out_dir/lr/<key>.json``) the figure's runs depend on.
+
+    Args:
+        name: Figure name.
+        out_dir: Results root given to ``run_figure``.
+        scale: Scale name.
+        formats: File formats to write.
+
+    Returns:
+        The written files (``out_dir/plots/<name>-<scale>-smoothness.<fmt>``).
+
+    Raises:
+        FileNotFoundError: The figure has not been run, or no LR cache entry exists.
+    """
+    root = Path(out_dir)
+    manifest_path = root / "figures" / f"{name}-{scale}.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"no runs of {name} at scale {scale} in {root}; run `exactlr run {name}` first"
+        )
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    keys: list[str] = []
+    for entry in manifest.get("runs", []):
+        key = entry.get("lr_key")
+        if key and key not in keys and (root / "lr" / f"{key}.json").is_file():
+            keys.append(key)
+    if not keys:
+        raise FileNotFoundError(f"no K_hat estimates of {name} at scale {scale} in {root / 'lr'}")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        data = json.loads((root / "lr" / f"{key}.json").read_text(encoding="utf-8"))
+        samples, running = data["samples"], data["running_max"]
+        index = list(range(1, len(samples) + 1))
+        ax.plot(index, samples, "o", color="tab:blue", label="||H(w_j)||_2")
+        ax.step(index, running, where="post", color="black", label="running max (K_hat)")
+        ax.set_xlabel("Sample j")
+        ax.set_ylabel("Hessian spectral norm")
+        ax.set_title(f"{key}\nK_hat = {data['k_hat']:.4g}, lr = {data['lr']:.3g}", fontsize=7)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    plots = root / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = plots / f"{name}-{scale}-smoothness.{fmt}"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,498 @@
+"""Verdict tables for a figure, read from its result files only.
+
+A figure's runs are listed in its manifest ``out_dir/figures/<name>-<scale>.json``
+(written by :func:`exactlr.experiments.run_figure`); each run is one result file
+(:mod:`exactlr.results`). :func:`figure_report` turns them into one table per row of the
+figure (per variation) and plain verdicts on the paper's claims:
+
+* ``ours_lowest_final_grad_norm``: ours ends with a strictly lower gradient norm (the
+  paper's ``grad_norm``, last epoch) than every other method of the row. A diverged run
+  counts as an infinite final gradient norm.
+* ``factor_to_best_scheduler``: (lowest final gradient norm among the schedulers) /
+  (ours' final gradient norm). Above 1: ours is lower by that factor; below 1: the best
+  scheduler is lower by 1/factor. None without schedulers, or when it is not finite.
+* ``factor_to_best_constant``: the same over the constant LRs 1e-1..1e-5 (ours x2 and
+  ours /2 excluded).
+* ``lr_0.1_jerks``: the number of epochs t >= 1 with ``gn[t] / gn[t-1] > 2`` for the
+  constant LR 0.1 run (``gn`` = ``grad_norm``, epoch 0 = w0); ``ours_jerks`` is the same
+  count for ours. None when the row has no LR 0.1 run.
+
+Example:
+    >>> rep = figure_report("fig1", out_dir="results", scale="cpu")  # doctest: +SKIP
+    >>> print(format_markdown(rep))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "JERK_FACTOR",
+    "count_jerks",
+    "figure_report",
+    "format_markdown",
+    "load_figure_runs",
+    "row_verdicts",
+]
+
+#: A "jerk": the gradient norm grows by more than this factor from one epoch to the next.
+JERK_FACTOR = 2.0
+
+
+def _manifest(out_dir: Path, name: str, scale: str) -> dict[str, Any]:
+    path = out_dir / "figures" / f"{name}-{scale}.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no runs of {name} at scale {scale} in {out_dir} ({path} is missing); run "
+            f"`exactlr run {name} --scale {scale} --out {out_dir}` first"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); rerun the figure") from err
+
+
+def _label(data: dict[str, Any]) -> str:
+    extra = data.get("extra") or {}
+    if extra.get("label"):
+        return str(extra["label"])
+    from exactlr.schedules import MethodSpec
+
+    return MethodSpec.from_dict(data["config"]["method"]).label
+
+
+def load_figure_runs(
+    name: str, *, out_dir: str | os.PathLike[str], scale: str
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+    """The manifest of a figure, its loaded runs and the runs still missing.
+
+    Args:
+        name: Figure name.
+        out_dir: Results root given to ``run_figure``.
+        scale: Scale name.
+
+    Returns:
+        ``(manifest, runs, missing)``: each run is the manifest entry merged with
+        ``"result"`` (the :func:`exactlr.results.load_result` dict), ``"label"`` and
+        ``"legend"``; ``missing`` lists the run names without a finished result file.
+
+    Raises:
+        FileNotFoundError: The figure has not been run at this scale in ``out_dir``.
+        ValueError: A manifest or result file is corrupt.
+    """
+    from exactlr.results import load_result
+
+    root = Path(out_dir)
+    manifest = _manifest(root, name, scale)
+    runs: list[dict[str, Any]] = []
+    missing: list[str] = []
+    for entry in manifest.get("runs", []):
+        path = root / entry["path"]
+        if not path.is_file():
+            missing.append(entry["run_name"])
+            continue
+        data = load_result(path)
+        label = _label(data)
+        series = entry.get("series")
+        runs.append(
+            {
+                **entry,
+                "result": data,
+                "label": label,
+                "legend": f"{series}: {label}" if series else label,
+            }
+        )
+    return manifest, runs, missing
+
+
+def count_jerks(values: Sequence[float], factor: float = JERK_FACTOR) -> int:
+    """Number of t >= 1 with ``values[t] / values[t-1] > factor`` (finite, positive pairs).
+
+    Example:
+        >>> count_jerks([1.0, 3.0, 2.0, 5.0, 1.0])
+        2
+    """
+    count = 0
+    for prev, cur in itertools.pairwise(values):
+        if math.isfinite(prev) and math.isfinite(cur) and prev > 0 and cur / prev > factor:
+            count += 1
+    return count
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _method_entry(run: dict[str, Any]) -> dict[str, Any]:
+    data = run["result"]
+    metrics = data["metrics"]
+    grad = [float(v) for v in metrics["grad_norm"]]
+    finite = [v for v in grad if math.isfinite(v)]
+    cfg = data["config"]
+    return {
+        "name": run["method"],
+        "label": run["label"],
+        "legend": run["legend"],
+        "role": run["role"],
+        "row": run.get("row", ""),
+        "series": run.get("series"),
+        "run_name": data["name"],
+        "lr": float(cfg["method"]["lr"]),
+        "epochs": int(cfg["epochs"]),
+        "epochs_done": len(grad) - 1,
+        "final_grad_norm": grad[-1] if grad else math.nan,
+        "min_grad_norm": min(finite) if finite else math.nan,
+        "final_grad_norm_full": float(metrics["grad_norm_full"][-1]) if grad else math.nan,
+        "final_loss": float(metrics["train_loss"][-1]) if grad else math.nan,
+        "final_test_acc": float(metrics["test_acc"][-1]) if grad else math.nan,
+        "diverged_at": data.get("diverged_at"),
+        "jerks": count_jerks(grad),
+        "grad_norm": grad,
+    }
+
+
+def _effective_final(entry: dict[str, Any]) -> float:
+    """Final gradient norm for ranking: a diverged or non-finite run ranks last."""
+    value = entry["final_grad_norm"]
+    if entry["diverged_at"] is not None or not math.isfinite(value):
+        return math.inf
+    return value
+
+
+def _best(entries: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    return min(entries, key=_effective_final) if entries else None
+
+
+def _factor(best: dict[str, Any] | None, ours: dict[str, Any]) -> float | None:
+    if best is None:
+        return None
+    top, bottom = _effective_final(best), _effective_final(ours)
+    if not (math.isfinite(top) and math.isfinite(bottom)) or bottom <= 0:
+        return None
+    return top / bottom
+
+
+def _is_lr(entry: dict[str, Any], lr: float) -> bool:
+    return math.isclose(entry["lr"], lr, rel_tol=1e-9)
+
+
+def row_verdicts(methods: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The verdicts of one row (see the module docstring for their definitions).
+
+    Args:
+        methods: Method entries of one row (``role``, ``final_grad_norm``,
+            ``diverged_at``, ``lr``, ``grad_norm`` list, ``label``).
+
+    Returns:
+        ``ours_lowest_final_grad_norm`` (bool, or None without exactly one ours and one
+        other method), ``lowest_method`` (label), ``factor_to_best_scheduler``,
+        ``best_scheduler``, ``factor_to_best_constant``, ``best_constant``,
+        ``lr_0.1_jerks``, ``ours_jerks``, ``ours_diverged_at``, ``diverged`` (labels).
+    """
+    ours_list = [m for m in methods if m["role"] == "ours"]
+    verdicts: dict[str, Any] = {
+        "ours_lowest_final_grad_norm": None,
+        "lowest_method": None,
+        "factor_to_lowest_other": None,
+        "factor_to_best_scheduler": None,
+        "best_scheduler": None,
+        "factor_to_best_constant": None,
+        "best_constant": None,
+        "lr_0.1_jerks": None,
+        "ours_jerks": None,
+        "ours_diverged_at": None,
+        "diverged": [m["label"] for m in methods if m["diverged_at"] is not None],
+    }
+    lowest = _best(methods)
+    verdicts["lowest_method"] = lowest["label"] if lowest is not None else None
+    if len(ours_list) != 1:
+        return verdicts
+    ours = ours_list[0]
+    others = [m for m in methods if m is not ours]
+    verdicts["ours_jerks"] = ours["jerks"]
+    verdicts["ours_diverged_at"] = ours["diverged_at"]
+    if others:
+        best_other = _best(others)
+        assert best_other is not None
+        verdicts["ours_lowest_final_grad_norm"] = _effective_final(ours) < _effective_final(
+            best_other
+        )
+        verdicts["factor_to_lowest_other"] = _factor(best_other, ours)
+        if not verdicts["ours_lowest_final_grad_norm"]:
+            verdicts["lowest_method"] = best_other["label"]
+    schedulers = [m for m in others if m["role"] == "scheduler"]
+    constants = [m for m in others if m["role"] == "constant"]
+    best_s, best_c = _best(schedulers), _best(constants)
+    verdicts["factor_to_best_scheduler"] = _factor(best_s, ours)
+    verdicts["best_scheduler"] = best_s["label"] if best_s is not None else None
+    verdicts["factor_to_best_constant"] = _factor(best_c, ours)
+    verdicts["best_constant"] = best_c["label"] if best_c is not None else None
+    lr01 = [m for m in constants if _is_lr(m, 0.1)]
+    if lr01:
+        verdicts["lr_0.1_jerks"] = lr01[0]["jerks"]
+    return verdicts
+
+
+def _batch_trend(methods: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -> Any:
+    """For rows of ours at several batch sizes: is the final grad norm lower for larger?"""
+    sizes = []
+    for m in methods:
+        run = next(r for r in runs if r["result"]["name"] == m["run_name"])
+        batch = run["result"]["config"].get("batch_size")
+        sizes.append((batch if batch is not None else math.inf, _effective_final(m)))
+    if len(sizes) < 2:
+        return None
+    sizes.sort()
+    finals = [v for _, v in sizes]
+    return all(b < a for a, b in itertools.pairwise(finals))
+
+
+def _lr_cache(out_dir: Path, key: str | None) -> dict[str, Any]:
+    if not key:
+        return {}
+    path = out_dir / "lr" / f"{key}.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {k: data.get(k) for k in ("lr", "k_hat", "initial_loss", "total_steps", "key")}
+
+
+def figure_report(name: str, *, out_dir: str | os.PathLike[str], scale: str) -> dict[str, Any]:
+    """Per-method numbers and verdicts of a figure, from its result files.
+
+    Args:
+        name: Figure name.
+        out_dir: Results root given to ``run_figure``.
+        scale: Scale name.
+
+    Returns:
+        A JSON-ready dict: ``figure``, ``title``, ``scale``, ``scale_description``,
+        ``methods`` (every method of every row; fields ``name``, ``label``, ``lr``,
+        ``final_grad_norm``, ``min_grad_norm``, ``final_grad_norm_full``, ``final_loss``,
+        ``final_test_acc``, ``diverged_at``, ``jerks``, ``row``), ``verdicts``,
+        ``ours_lr``, ``paper_ours_lr``, ``k_hat`` (of the first row; every row's own are
+        in ``variations``), ``variations`` (one block per row: ``variation``,
+        ``methods``, ``verdicts``, ``ours_lr``, ``paper_ours_lr``, ``k_hat``,
+        ``initial_loss``, ``total_steps``), ``missing`` (runs without results).
+        For figures with several rows the top-level ``verdicts`` summarise the rows:
+        ours lowest in every row, and the smallest factors over the rows.
+
+    Raises:
+        FileNotFoundError: The figure has not been run at this scale in ``out_dir``.
+    """
+    root = Path(out_dir)
+    manifest, runs, missing = load_figure_runs(name, out_dir=root, scale=scale)
+    rows = manifest.get("rows") or [""]
+    blocks = []
+    for row in rows:
+        row_runs = [r for r in runs if r.get("row", "") == row]
+        methods = [_method_entry(r) for r in row_runs]
+        verdicts = row_verdicts(methods)
+        series_all_ours = bool(methods) and all(m["role"] == "ours" for m in methods)
+        if series_all_ours and len(methods) > 1 and name == "fig5":
+            verdicts["larger_batch_lower_final_grad_norm"] = _batch_trend(methods, row_runs)
+        keys = [r.get("lr_key") for r in row_runs if r.get("role") == "ours"]
+        cache = _lr_cache(root, keys[0] if keys else None)
+        paper_lrs = [r.get("paper_ours_lr") for r in row_runs if r.get("paper_ours_lr")]
+        for m in methods:
+            del m["grad_norm"]  # used by the verdicts; the plots read it from the files
+        blocks.append(
+            {
+                "variation": row,
+                "methods": methods,
+                "verdicts": verdicts,
+                "ours_lr": cache.get("lr"),
+                "paper_ours_lr": paper_lrs[0] if paper_lrs else manifest.get("paper_ours_lr"),
+                "k_hat": cache.get("k_hat"),
+                "initial_loss": cache.get("initial_loss"),
+                "total_steps": cache.get("total_steps"),
+            }
+        )
+    first = blocks[0]
+    report: dict[str, Any] = {
+        "figure": name,
+        "title": manifest.get("title", name),
+        "scale": scale,
+        "scale_description": manifest.get("scale_description", ""),
+        "seed": manifest.get("seed"),
+        "methods": [m for b in blocks for m in b["methods"]],
+        "verdicts": first["verdicts"] if len(blocks) == 1 else _summarise(blocks),
+        "ours_lr": first["ours_lr"],
+        "paper_ours_lr": first["paper_ours_lr"],
+        "k_hat": first["k_hat"],
+        "initial_loss": first["initial_loss"],
+        "total_steps": first["total_steps"],
+        "variations": blocks,
+        "missing": missing,
+    }
+    return _json_ready(report)
+
+
+def _summarise(blocks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def values(key: str) -> list[Any]:
+        return [b["verdicts"].get(key) for b in blocks if b["verdicts"].get(key) is not None]
+
+    lowest = values("ours_lowest_final_grad_norm")
+    sched, const = values("factor_to_best_scheduler"), values("factor_to_best_constant")
+    jerks, ours_jerks = values("lr_0.1_jerks"), values("ours_jerks")
+    summary: dict[str, Any] = {
+        "ours_lowest_final_grad_norm": all(lowest) if lowest else None,
+        "rows_ours_lowest": sum(bool(v) for v in lowest),
+        "rows_compared": len(lowest),
+        "factor_to_best_scheduler": min(sched) if sched else None,
+        "factor_to_best_constant": min(const) if const else None,
+        "lr_0.1_jerks": sum(jerks) if jerks else None,
+        "ours_jerks": sum(ours_jerks) if ours_jerks else None,
+        "diverged": [d for b in blocks for d in b["verdicts"].get("diverged", [])],
+    }
+    trend = values("larger_batch_lower_final_grad_norm")
+    if trend:
+        summary["larger_batch_lower_final_grad_norm"] = all(trend)
+    return summary
+
+
+def _json_ready(obj: Any) -> Any:
+    """Non-finite floats -> None, so ``json.dumps`` writes strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# ---------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------
+
+
+def _g(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}"
+
+
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "n/a" if value is None else ("yes" if value else "no")
+
+
+def _factor_line(kind: str, factor: float | None, best: str | None) -> str:
+    if best is None:
+        return f"- Best {kind}: none in this comparison"
+    if factor is None:
+        return f"- Best {kind} ({best}) vs ours: not comparable (a run diverged or is not finite)"
+    if factor >= 1:
+        return f"- Best {kind} ({best}) ends {factor:.3g}x higher than ours (ours lower)"
+    return f"- Best {kind} ({best}) ends {1 / factor:.3g}x lower than ours (ours higher)"
+
+
+def _verdict_lines(v: dict[str, Any]) -> list[str]:
+    lines = []
+    lowest = v.get("ours_lowest_final_grad_norm")
+    if "rows_compared" in v:
+        if v["rows_compared"]:
+            lines.append(
+                f"- Ours has the lowest final gradient norm in every row: {_yes_no(lowest)} "
+                f"({v['rows_ours_lowest']} of {v['rows_compared']} rows)"
+            )
+        if v.get("factor_to_best_scheduler") is not None:
+            lines.append(
+                f"- Worst row, best scheduler / ours final gradient norm: "
+                f"{v['factor_to_best_scheduler']:.3g} (>1: ours lower)"
+            )
+        if v.get("factor_to_best_constant") is not None:
+            lines.append(
+                f"- Worst row, best constant LR / ours final gradient norm: "
+                f"{v['factor_to_best_constant']:.3g} (>1: ours lower)"
+            )
+    else:
+        if lowest is not None:
+            factor = v.get("factor_to_lowest_other")
+            if lowest:
+                extra = f" (next: {_g(factor)}x higher)" if factor is not None else ""
+                lines.append(f"- Ours has the lowest final gradient norm: yes{extra}")
+            else:
+                how = f" is {_g(1 / factor)}x lower" if factor else " is lower"
+                lines.append(
+                    f"- Ours has the lowest final gradient norm: no — {v['lowest_method']}{how}"
+                )
+        if v.get("best_scheduler") is not None:
+            lines.append(
+                _factor_line("scheduler", v["factor_to_best_scheduler"], v["best_scheduler"])
+            )
+        if v.get("best_constant") is not None:
+            lines.append(
+                _factor_line("constant LR", v["factor_to_best_constant"], v["best_constant"])
+            )
+    if v.get("lr_0.1_jerks") is not None:
+        lines.append(
+            f"- Epochs where the gradient norm more than doubles: LR 0.1 {v['lr_0.1_jerks']}, "
+            f"ours {v.get('ours_jerks')}"
+        )
+    if "larger_batch_lower_final_grad_norm" in v:
+        lines.append(
+            "- Larger batches end with lower gradient norms: "
+            f"{_yes_no(v['larger_batch_lower_final_grad_norm'])}"
+        )
+    diverged = v.get("diverged") or []
+    lines.append(f"- Diverged: {', '.join(diverged) if diverged else 'none'}")
+    return lines
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: one table per row, then the verdicts in plain words."""
+    out = [f"# {report['figure']} ({report['scale']}): {report['title']}", ""]
+    if report.get("scale_description"):
+        out += [f"Scale `{report['scale']}`: {report['scale_description']}.", ""]
+    header = (
+        "| Method | LR | final grad norm | min grad norm | final full grad norm "
+        "| final loss | test acc | diverged |"
+    )
+    rule = "|---|---|---|---|---|---|---|---|"
+    for block in report["variations"]:
+        if block["variation"]:
+            out += [f"## {block['variation']}", ""]
+        ours_lr, paper = block.get("ours_lr"), block.get("paper_ours_lr")
+        if ours_lr is not None:
+            out.append(
+                f"Ours: lr = sqrt(2 L(w0) / (K_hat T)) = {_g(ours_lr)} "
+                f"(paper's legend: {_g(paper, 2) if paper else 'none'}); "
+                f"K_hat = {_g(block.get('k_hat'), 4)}, L(w0) = {_g(block.get('initial_loss'), 4)}"
+                f", T = {block.get('total_steps')}"
+            )
+            out.append("")
+        out += [header, rule]
+        for m in block["methods"]:
+            div = "-" if m["diverged_at"] is None else f"epoch {m['diverged_at']}"
+            out.append(
+                f"| {m['legend']} | {_g(m['lr'])} | {_g(m['final_grad_norm'])} "
+                f"| {_g(m['min_grad_norm'])} | {_g(m['final_grad_norm_full'])} "
+                f"| {_g(m['final_loss'])} | {_acc(m['final_test_acc'])} | {div} |"
+            )
+        out.append("")
+        if len(report["variations"]) > 1:
+            out += _verdict_lines(block["verdicts"])
+            out.append("")
+    out += ["## Verdicts" if len(report["variations"]) == 1 else "## Summary", ""]
+    out += _verdict_lines(report["verdicts"])
+    if report.get("missing"):
+        out += ["", f"Missing runs (not finished yet): {', '.join(report['missing'])}"]
+    out.append("")
+    out.append(
+        "Gradient norms are the paper's (sqrt of the mean squared mini-batch gradient norm "
+        "over the epoch); 'full' is the exact full-data gradient norm at the epoch's end."
+    )
+    return "\n".join(out) + "\n"
