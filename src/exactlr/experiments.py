@@ -851,9 +851,9 @@ def run_figure(
     paths: list[Path] = []
     bar = _progress_bar(len(plans), f"{name} ({scale})", enabled=progress)
     threads = torch.get_num_threads()
-    if scale == "smoke" and not spec.fixed_scale:
-        # Smoke tensors are tiny: with several threads, OpenMP's spin-waiting costs far
-        # more than the work (measured 20x slower on a busy 2-core machine).
+    if (scale == "smoke" or spec.fixed_scale) and torch_device.type == "cpu":
+        # Smoke and demo tensors are small: with several threads, OpenMP's spin-waiting
+        # costs far more than the work (measured 20x slower on a busy 2-core machine).
         torch.set_num_threads(1)
     try:
         for plan in plans:
