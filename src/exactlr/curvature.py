@@ -325,17 +325,17 @@ def materialize_batches(
 
 def _check_targets(outputs: Tensor, targets: Tensor, batch_index: int) -> None:
     """Class-index targets must lie in ``[0, num_classes)`` (cross-entropy style)."""
-    if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        if outputs.ndim >= 2 and targets.ndim == outputs.ndim - 1 and targets.numel():
-            num_classes = outputs.shape[1]
-            low, high = int(targets.min()), int(targets.max())
-            if low < 0 or high >= num_classes:
-                bad = low if low < 0 else high
-                raise ValueError(
-                    f"label {bad} in batch {batch_index} is outside the class range "
-                    f"[0, {num_classes - 1}] of the model's {num_classes} outputs; "
-                    "fix the labels or the model's number of outputs"
-                )
+    integer = targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+    if integer and outputs.ndim >= 2 and targets.ndim == outputs.ndim - 1 and targets.numel():
+        num_classes = outputs.shape[1]
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"label {bad} in batch {batch_index} is outside the class range "
+                f"[0, {num_classes - 1}] of the model's {num_classes} outputs; "
+                "fix the labels or the model's number of outputs"
+            )
 
 
 def _module_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -503,14 +503,16 @@ class HessianOperator:
             if isinstance(out, Tensor):
                 sizes.append(out.numel() * out.element_size())
 
+        # Two samples, not one: BatchNorm1d in train mode rejects a batch of one.
+        probe = x0[: min(2, len(x0))]
         handles = [m.register_forward_hook(hook) for m in self.model.modules()]
         try:
             with torch.no_grad():
-                functional_call(self.model, (self.params, self.buffers), (x0[:1],))
+                functional_call(self.model, (self.params, self.buffers), (probe,))
         finally:
             for h in handles:
                 h.remove()
-        per_sample = sum(sizes) + x0[:1].numel() * x0.element_size()
+        per_sample = (sum(sizes) + probe.numel() * probe.element_size()) / len(probe)
         total_samples = sum(len(x) for x, _ in self.batches)
         # A double-backward graph saves activations, their gradients and BN/ReLU
         # intermediates: ~4x the forward activations, plus a few copies of the weights.

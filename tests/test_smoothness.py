@@ -1,0 +1,237 @@
+"""Tests of exactlr.smoothness (Algorithm 2) against dense float64 references."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from exactlr.curvature import hessian_spectral_norm, training_loss_mode
+from exactlr.smoothness import SampleRecord, estimate_smoothness
+
+DTYPE = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny float64 problems: threads only add overhead (and thrash on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model() -> nn.Module:
+    """A fresh tiny BN network drawn from the global RNG (one sample of W)."""
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
+
+
+def batches(sizes: tuple[int, ...] = (7, 13), seed: int = 1) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    x = torch.randn(n, 3, generator=g, dtype=DTYPE)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return list(zip(x.split(list(sizes)), y.split(list(sizes)), strict=True))
+
+
+def dense_norm(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> tuple[float, float]:
+    """(lambda_max, lambda_min) of the size-weighted mean loss, by double backward."""
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    sizes, shapes = [p.numel() for p in params], [p.shape for p in params]
+    total = sum(len(x) for x, _ in data)
+    with training_loss_mode(model):
+        buffers = dict(model.named_buffers())
+
+        def loss(flat: Tensor) -> Tensor:
+            chunks = [c.view(s) for c, s in zip(flat.split(sizes), shapes, strict=True)]
+            p = dict(zip(names, chunks, strict=True))
+            return sum(
+                len(x)
+                / total
+                * F.cross_entropy(torch.func.functional_call(model, (p, buffers), (x,)), y)
+                for x, y in data
+            )
+
+        h = torch.autograd.functional.hessian(loss, torch.cat([p.reshape(-1) for p in params]))
+    eig = torch.linalg.eigvalsh(h)
+    return float(eig[-1]), float(eig[0])
+
+
+def redraw(seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make_model()
+
+
+def test_estimate_fields_and_dense_reference() -> None:
+    data = batches()
+    rng = torch.get_rng_state()
+    est = estimate_smoothness(
+        make_model,
+        F.cross_entropy,
+        data,
+        num_samples=3,
+        generator=torch.Generator().manual_seed(0),
+        tol=1e-6,
+    )
+    assert torch.equal(rng, torch.get_rng_state())
+    assert len(est.samples) == len(est.records) == len(est.running_max) == 3
+    assert est.k_hat == max(est.samples) == est.running_max[-1]
+    assert all(a <= b for a, b in zip(est.running_max, est.running_max[1:], strict=False))
+    assert est.running_max == [max(est.samples[: j + 1]) for j in range(3)]
+    assert not est.stopped_early and est.variant == "full"
+    assert est.num_hvps == sum(r.num_hvps for r in est.records) > 0
+    assert len({r.seed for r in est.records}) == 3
+    assert len(set(est.samples)) == 3  # different weights, different curvature
+    for i, record in enumerate(est.records):
+        assert isinstance(record, SampleRecord)
+        assert record.index == i and record.converged and record.num_hvps > 0
+        assert record.value == est.samples[i]
+        assert record.value == max(abs(record.lambda_max), abs(record.lambda_min))
+        assert record.seconds >= 0 and math.isfinite(record.loss)
+        # The sample is the spectral norm of make_model() under the record's seed ...
+        model = redraw(record.seed)
+        lmax, lmin = dense_norm(model, data)
+        norm = max(abs(lmax), abs(lmin))
+        assert abs(record.value - norm) <= 1e-4 * norm
+        assert abs(record.lambda_max - lmax) <= 1e-4 * norm
+        assert abs(record.lambda_min - lmin) <= 1e-4 * norm
+        # ... and what hessian_spectral_norm gives on that model.
+        direct = hessian_spectral_norm(model, F.cross_entropy, data, tol=1e-6)
+        assert math.isclose(record.value, direct.value, rel_tol=1e-5)
+
+
+def test_minibatch_variant_is_max_over_batches() -> None:
+    data = batches((6, 9, 11))
+    est = estimate_smoothness(
+        make_model,
+        F.cross_entropy,
+        data,
+        num_samples=2,
+        variant="minibatch",
+        generator=torch.Generator().manual_seed(3),
+        tol=1e-6,
+    )
+    assert est.variant == "minibatch"
+    for record in est.records:
+        model = redraw(record.seed)
+        per_batch = [dense_norm(model, [b]) for b in data]
+        norms = [max(abs(a), abs(b)) for a, b in per_batch]
+        expected = max(norms)
+        assert abs(record.value - expected) <= 1e-4 * expected
+        best = per_batch[norms.index(expected)]
+        assert abs(record.lambda_max - best[0]) <= 1e-4 * expected
+        assert abs(record.lambda_min - best[1]) <= 1e-4 * expected
+        # Not the full-data norm: the variants differ.
+        full = max(abs(v) for v in dense_norm(model, data))
+        assert abs(record.value - full) > 1e-3 * full
+
+
+def test_deterministic_given_generator() -> None:
+    data = batches()
+    rng = torch.get_rng_state()
+    runs = [
+        estimate_smoothness(
+            make_model,
+            F.cross_entropy,
+            data,
+            num_samples=2,
+            generator=torch.Generator().manual_seed(9),
+            method="power",
+        )
+        for _ in range(2)
+    ]
+    assert torch.equal(rng, torch.get_rng_state())
+    assert runs[0].samples == runs[1].samples
+    assert [r.seed for r in runs[0].records] == [r.seed for r in runs[1].records]
+    other = estimate_smoothness(
+        make_model,
+        F.cross_entropy,
+        data,
+        num_samples=2,
+        generator=torch.Generator().manual_seed(10),
+    )
+    assert other.samples != runs[0].samples
+
+
+def test_adaptive_stop_on_constant_weights() -> None:
+    base = make_model()
+
+    def same() -> nn.Module:
+        return copy.deepcopy(base)
+
+    est = estimate_smoothness(
+        same,
+        F.cross_entropy,
+        batches(),
+        num_samples=10,
+        patience=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    # Sample 0 sets the max; samples 1 and 2 do not grow it: stop after 3.
+    assert est.stopped_early
+    assert len(est.samples) == 3
+    assert max(est.samples) - min(est.samples) <= 1e-4 * est.k_hat
+    full = estimate_smoothness(
+        make_model,
+        F.cross_entropy,
+        batches(),
+        num_samples=3,
+        patience=5,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert not full.stopped_early and len(full.samples) == 3
+
+
+def test_model_from_make_model_keeps_its_state() -> None:
+    """A sampled model's eval mode and BN running stats do not leak into the estimate."""
+    template = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3))
+    template = template.to(DTYPE)
+    with torch.no_grad():
+        template[1].running_mean.fill_(5.0)
+    template.eval()
+
+    def make() -> nn.Module:
+        return copy.deepcopy(template)
+
+    est = estimate_smoothness(make, F.cross_entropy, batches(), num_samples=1, tol=1e-6)
+    # Curvature of the training loss: batch statistics, not the running ones.
+    norm = max(abs(v) for v in dense_norm(template, batches()))
+    assert abs(est.k_hat - norm) <= 1e-4 * norm
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"num_samples": 0}, "num_samples=0"),
+        ({"num_samples": -2}, "num_samples=-2"),
+        ({"num_samples": 1.5}, "num_samples=1.5"),
+        ({"variant": "batchwise"}, "variant='batchwise'"),
+        ({"patience": 0}, "patience=0"),
+        ({"patience": 1.5}, "patience=1.5"),
+        ({"rel_tol": -0.1}, "rel_tol=-0.1"),
+        ({"rel_tol": math.nan}, "rel_tol=nan"),
+        ({"colour": "red"}, "colour"),
+        ({"method": "qr"}, "method='qr'"),
+        ({"tol": 0.0}, "tol=0.0"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValueError) as info:
+        estimate_smoothness(make_model, F.cross_entropy, batches(), **kwargs)
+    assert needle in str(info.value)
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        estimate_smoothness(make_model, F.cross_entropy, [])
+    with pytest.raises(ValueError, match=r"nn\.Module"):
+        estimate_smoothness(lambda: "not a model", F.cross_entropy, batches())
+    x, y = batches()[0]
+    with pytest.raises(ValueError, match="label 4"):
+        estimate_smoothness(make_model, F.cross_entropy, [(x, torch.full_like(y, 4))])
