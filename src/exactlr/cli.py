@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -23,6 +24,15 @@ EXIT_USAGE = 2
 
 class UsageError(Exception):
     """A problem with the user's input, reported as one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Prints `exactlr <command>: error: <message>` and where to get help; exits 2."""
+        text = " ".join(message.split())
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {text} (see `{self.prog} --help`)\n")
 
 
 # --------------------------------------------------------------------------------------
@@ -38,6 +48,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -159,11 +180,39 @@ def _cmd_lr(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _out_dir(text: str) -> str:
-    """An output folder: may not exist yet, must not be an existing file."""
+def _out_dir(text: str, *, create: bool = False) -> str:
+    """An output folder: may not exist yet, must not be an existing file.
+
+    With `create`, the folder is made now and must be writable, so that a bad path fails
+    before any training.
+    """
     if os.path.exists(text) and not os.path.isdir(text):
-        raise UsageError(f"--out {text} is an existing file, not a folder")
+        raise UsageError(f"--out {text} is an existing file, not a folder; choose a folder")
+    parent = Path(text).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"--out {text} is under {parent}, which is a file; choose a folder")
+    if create:
+        try:
+            os.makedirs(text, exist_ok=True)
+        except OSError as err:
+            raise UsageError(
+                f"--out {text} cannot be created ({err.strerror or err}); choose a writable folder"
+            ) from None
+        if not os.access(text, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {text} is not writable; choose a writable folder")
     return text
+
+
+def _no_results(figure: str, scale: str, out: str) -> None:
+    """Raises `UsageError` when `out` holds no result of `figure` at `scale`."""
+    manifest = Path(out) / "figures" / f"{figure}-{scale}.json"
+    if not manifest.is_file():
+        raise UsageError(
+            f"no results of {figure} at scale {scale} in {out}; run `exactlr run {figure} "
+            f"--scale {scale} --out {out}` first"
+        )
 
 
 def _check_figure(name: str, scale: str | None = None) -> None:
@@ -179,7 +228,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from exactlr.experiments import run_figure
 
     _check_figure(args.figure, args.scale)
-    out = _out_dir(args.out)
+    out = _out_dir(args.out, create=True)
     device = resolve_device(args.device)
     start = time.perf_counter()
     paths = run_figure(
@@ -191,6 +240,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         progress=not args.quiet,
         epochs=args.epochs,
+        checkpoint_every=args.checkpoint_every,
     )
     print(
         f"{args.figure} ({args.scale}): {len(paths)} runs in {out}/runs "
@@ -205,6 +255,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     _check_figure(args.figure, args.scale)
     out = _out_dir(args.out)
+    _no_results(args.figure, args.scale, out)
     paths = plot_figure(args.figure, out_dir=out, scale=args.scale)
     with contextlib.suppress(FileNotFoundError):  # runs made elsewhere may lack the cache
         paths += plot_smoothness(args.figure, out_dir=out, scale=args.scale)
@@ -231,6 +282,7 @@ def _write_report(figure: str, scale: str, out: str) -> tuple[dict, str, Path]:
 def _cmd_report(args: argparse.Namespace) -> int:
     _check_figure(args.figure, args.scale)
     out = _out_dir(args.out)
+    _no_results(args.figure, args.scale, out)
     report, text, _ = _write_report(args.figure, args.scale, out)
     if args.format == "json":
         print(json.dumps(report, indent=2, allow_nan=False))
@@ -250,7 +302,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from exactlr.experiments import run_figure
     from exactlr.plotting import plot_figure, plot_smoothness
 
-    out = _out_dir(args.out)
+    out = _out_dir(args.out, create=True)
     start = time.perf_counter()
     run_figure(
         "demo",
@@ -279,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
     from exactlr import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="exactlr",
         description="A provably motivated constant learning rate for Adam: "
         "alpha = sqrt(2 L(w0) / (K_hat T)).",
@@ -314,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scale", default="cpu", help=scales)
     run.add_argument("--out", default="results", help="results folder (default: results)")
     run.add_argument("--epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
+    run.add_argument(
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="checkpoint each run every N epochs under OUT/checkpoints, so a killed run "
+        "resumes mid-run (default: 5 at cpu/paper scale, none at smoke; 0: none)",
+    )
     add_common_data_args(run)
     run.set_defaults(func=_cmd_run)
 
@@ -351,7 +411,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (
+        UsageError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    ) as e:
         # One line: multi-line messages (e.g. the list of searched paths) are joined.
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"exactlr: error: {message}", file=sys.stderr)

@@ -53,6 +53,8 @@ __all__ = [
     "FigureSpec",
     "PlannedRun",
     "Variation",
+    "checkpoint_path",
+    "default_checkpoint_every",
     "describe_scale",
     "execute_run",
     "figure_names",
@@ -697,6 +699,19 @@ def _compute_ours(
     return entry
 
 
+def checkpoint_path(out_dir: str | os.PathLike[str], run_name: str) -> Path:
+    """``out_dir/checkpoints/<run_name>.pt``: a run's checkpoint while it trains."""
+    return Path(out_dir) / "checkpoints" / f"{run_name}.pt"
+
+
+def default_checkpoint_every(scale: str, *, fixed_scale: bool = False) -> int:
+    """Epochs between checkpoints: 5 at the ``cpu`` and ``paper`` scales, else 0 (none).
+
+    Smoke runs and the demo take seconds, so checkpoints would cost more than they save.
+    """
+    return 0 if scale == "smoke" or fixed_scale else 5
+
+
 def execute_run(
     plan: PlannedRun,
     *,
@@ -707,10 +722,14 @@ def execute_run(
     out_dir: str | os.PathLike[str],
     device: str | torch.device = "cpu",
     progress: bool = False,
+    checkpoint_every: int = 0,
 ) -> Path:
     """Trains one planned run from ``w0_state`` and saves its result file.
 
     Every input is picklable, so this can run in another process (e.g. a Ray task).
+    With ``checkpoint_every > 0`` the run checkpoints to :func:`checkpoint_path` every
+    that many epochs and resumes from an existing checkpoint of the same run (also with
+    ``checkpoint_every = 0``); the checkpoint is deleted once the result file is saved.
 
     Args:
         plan: The run.
@@ -721,6 +740,7 @@ def execute_run(
         out_dir: Results root.
         device: Torch device.
         progress: Show the training loop's own progress bar.
+        checkpoint_every: Epochs between checkpoints (0: none).
 
     Returns:
         The result file's path.
@@ -732,7 +752,17 @@ def execute_run(
     cfg = plan.resolve(float(ours["lr"]))
     model = _build_w0(cfg)
     model.load_state_dict(w0_state)
-    result = train_run(cfg, model.to(device), train, test, device=device, progress=progress)
+    ckpt = checkpoint_path(out_dir, cfg.run_name())
+    result = train_run(
+        cfg,
+        model.to(device),
+        train,
+        test,
+        device=device,
+        progress=progress,
+        checkpoint_path=ckpt,
+        checkpoint_every=checkpoint_every,
+    )
     path = result_path(Path(out_dir), cfg)
     extra = {
         "figure": plan.figure,
@@ -750,6 +780,7 @@ def execute_run(
         "ours": {k: ours[k] for k in ("key", "lr", "k_hat", "initial_loss", "total_steps")},
     }
     save_result(path, result, extra=extra)
+    ckpt.unlink(missing_ok=True)  # only now: a crash before the save resumes from it
     return path
 
 
@@ -805,6 +836,7 @@ def run_figure(
     executor: str = "local",
     epochs: int | None = None,
     runner: Callable[..., Path] | None = None,
+    checkpoint_every: int | None = None,
 ) -> list[Path]:
     """Runs (or resumes) every run of a figure and writes its manifest.
 
@@ -824,12 +856,15 @@ def run_figure(
         executor: ``"local"`` (runs one after another in this process).
         epochs: Override every run's epoch count.
         runner: Replaces :func:`execute_run` (same signature); for tests and executors.
+        checkpoint_every: Epochs between a run's checkpoints (``out_dir/checkpoints``);
+            None: :func:`default_checkpoint_every` (5 at cpu/paper scale); 0: none.
 
     Returns:
         The result file of every run of the figure, in plan order.
 
     Raises:
-        ValueError: Unknown figure, scale or executor; ``out_dir`` is a file.
+        ValueError: Unknown figure, scale or executor; ``out_dir`` is a file or cannot
+            be created; a negative ``checkpoint_every``.
         FileNotFoundError: The data files are missing.
     """
     from exactlr.results import is_finished, result_path
@@ -839,8 +874,20 @@ def run_figure(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder")
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 0 (0: none)")
     spec = get_figure(name)
     plans = resolve_figure(name, scale, seed=seed, data_dir=data_dir, epochs=epochs)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"--out {out} cannot be created ({err.strerror or err}); choose a writable folder"
+        ) from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} is not writable; choose a writable folder")
+    if checkpoint_every is None:
+        checkpoint_every = default_checkpoint_every(scale, fixed_scale=spec.fixed_scale)
     torch_device = torch.device(device)
     run = runner or execute_run
     _write_manifest(out, spec, scale, seed, plans)
@@ -887,6 +934,7 @@ def run_figure(
                 out_dir=out,
                 device=torch_device,
                 progress=False,
+                checkpoint_every=checkpoint_every,
             )
             bar.update(1)
     finally:

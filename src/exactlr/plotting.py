@@ -3,8 +3,9 @@
 :func:`plot_figure` draws one row of three panels per row of the figure (per variation):
 gradient norm (log y), training loss (log y) and test accuracy against the epoch, one
 line per method with its legend label (e.g. "Ours (0.045)", the measured LR). A diverged
-run is drawn up to its last finite epoch and ends in an "x". :func:`plot_smoothness`
-draws Algorithm 2's K_hat samples and their running maximum (Theorem 4) from the LR cache.
+run is drawn up to its last finite epoch and ends in an "x"; its legend entry says
+"(diverged at epoch k)". :func:`plot_smoothness` draws Algorithm 2's K_hat samples and
+their running maximum (Theorem 4) from the LR cache.
 
 Example:
     >>> paths = plot_figure("fig1", out_dir="results", scale="cpu")  # doctest: +SKIP
@@ -100,8 +101,12 @@ def plot_figure(
                 is_ours = run.get("role") == "ours" and not run.get("series")
                 style = _style(run, 0 if is_ours else others)
                 others += 0 if is_ours else 1
-                (line,) = ax.plot(xs, ys, label=run["legend"], **style)
-                if run["result"].get("diverged_at") is not None:
+                diverged_at = run["result"].get("diverged_at")
+                label = run["legend"]
+                if diverged_at is not None:
+                    label += f" (diverged at epoch {diverged_at})"
+                (line,) = ax.plot(xs, ys, label=label, **style)
+                if diverged_at is not None:
                     ax.plot(xs[-1:], ys[-1:], marker="x", markersize=9, color=line.get_color())
             if log:
                 ax.set_yscale("log")

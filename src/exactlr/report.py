@@ -195,7 +195,8 @@ def row_verdicts(methods: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ``ours_lowest_final_grad_norm`` (bool, or None without exactly one ours and one
         other method), ``lowest_method`` (label), ``factor_to_best_scheduler``,
         ``best_scheduler``, ``factor_to_best_constant``, ``best_constant``,
-        ``lr_0.1_jerks``, ``ours_jerks``, ``ours_diverged_at``, ``diverged`` (labels).
+        ``lr_0.1_jerks``, ``ours_jerks``, ``ours_diverged_at``, ``diverged`` (labels),
+        ``diverged_epochs`` (their divergence epochs).
     """
     ours_list = [m for m in methods if m["role"] == "ours"]
     verdicts: dict[str, Any] = {
@@ -210,6 +211,7 @@ def row_verdicts(methods: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "ours_jerks": None,
         "ours_diverged_at": None,
         "diverged": [m["label"] for m in methods if m["diverged_at"] is not None],
+        "diverged_epochs": [m["diverged_at"] for m in methods if m["diverged_at"] is not None],
     }
     lowest = _best(methods)
     verdicts["lowest_method"] = lowest["label"] if lowest is not None else None
@@ -352,6 +354,7 @@ def _summarise(blocks: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "lr_0.1_jerks": sum(jerks) if jerks else None,
         "ours_jerks": sum(ours_jerks) if ours_jerks else None,
         "diverged": [d for b in blocks for d in b["verdicts"].get("diverged", [])],
+        "diverged_epochs": [d for b in blocks for d in b["verdicts"].get("diverged_epochs", [])],
     }
     trend = values("larger_batch_lower_final_grad_norm")
     if trend:
@@ -448,6 +451,11 @@ def _verdict_lines(v: dict[str, Any]) -> list[str]:
             f"{_yes_no(v['larger_batch_lower_final_grad_norm'])}"
         )
     diverged = v.get("diverged") or []
+    epochs = v.get("diverged_epochs") or []
+    if len(epochs) == len(diverged):
+        diverged = [
+            f"{label} diverged at epoch {k}" for label, k in zip(diverged, epochs, strict=True)
+        ]
     lines.append(f"- Diverged: {', '.join(diverged) if diverged else 'none'}")
     return lines
 
@@ -476,7 +484,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             out.append("")
         out += [header, rule]
         for m in block["methods"]:
-            div = "-" if m["diverged_at"] is None else f"epoch {m['diverged_at']}"
+            div = "-" if m["diverged_at"] is None else f"diverged at epoch {m['diverged_at']}"
             out.append(
                 f"| {m['legend']} | {_g(m['lr'])} | {_g(m['final_grad_norm'])} "
                 f"| {_g(m['min_grad_norm'])} | {_g(m['final_grad_norm_full'])} "

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -38,13 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from exactlr.training import METRIC_FIELDS, RunResult, TrainConfig
+from exactlr.training import METRIC_FIELDS, RunResult, TrainConfig, validate_config
 
 __all__ = [
     "SCHEMA_VERSION",
     "decode_nonfinite",
     "encode_nonfinite",
     "environment_info",
+    "file_mode",
     "is_finished",
     "load_result",
     "load_results",
@@ -128,17 +130,37 @@ def decode_nonfinite(obj: Any) -> Any:
     return obj
 
 
+@functools.cache
+def _umask() -> int:
+    # os.umask can only be read by setting it; done once, before any worker threads.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Mode of a new result file: 0o666 less the process umask (0o644 under umask 022).
+
+    `tempfile.mkstemp` creates 0o600 files; result files are chmod-ed to this mode so they
+    get the permissions a plain `open(path, "w")` would give.
+    """
+    return 0o666 & ~_umask()
+
+
 def write_json_atomic(path: Path | str, obj: Any) -> None:
     """Writes `obj` as strict JSON to `path` atomically (temp file, fsync, `os.replace`).
 
     Non-finite floats are encoded with `encode_nonfinite`. Parent folders are created.
-    On any error the temporary file is removed and the target is left as it was.
+    The file gets mode `file_mode()` (0o644 under the usual umask). On any error the
+    temporary file is removed and the target is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(encode_nonfinite(obj), indent=1, allow_nan=False, sort_keys=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # POSIX only
+            os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.write("\n")
@@ -213,8 +235,8 @@ def load_result(path: Path | str) -> dict[str, Any]:
         if name not in data:
             raise ValueError(f"{path}: missing field {name!r}")
     try:
-        TrainConfig.from_dict(data["config"])
-    except (KeyError, TypeError, ValueError) as err:
+        validate_config(TrainConfig.from_dict(data["config"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: bad field 'config' ({err!r})") from err
     metrics = data["metrics"]
     if not isinstance(metrics, dict):
@@ -230,6 +252,25 @@ def load_result(path: Path | str) -> dict[str, Any]:
     for name in ("metrics", "seconds", "extra"):
         if name in data:
             data[name] = decode_nonfinite(data[name])
+    for name in METRIC_FIELDS:
+        for index, value in enumerate(data["metrics"][name]):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{path}: metric {name!r}[{index}] = {value!r} is not a number")
+    if not lengths or not next(iter(lengths.values())):
+        raise ValueError(f"{path}: field 'metrics' holds no epochs")
+    diverged_at = data["diverged_at"]
+    epochs = data["metrics"]["epoch"]
+    if diverged_at is not None and (
+        isinstance(diverged_at, bool)
+        or not isinstance(diverged_at, int)
+        or diverged_at != epochs[-1]
+    ):
+        raise ValueError(
+            f"{path}: field 'diverged_at' = {diverged_at!r} must be null or the last epoch "
+            f"({epochs[-1]})"
+        )
+    if not isinstance(data["environment"], dict):
+        raise ValueError(f"{path}: field 'environment' must be an object")
     data["path"] = str(path)
     return data
 

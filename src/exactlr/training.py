@@ -25,6 +25,14 @@ Full batch, the gradient at the end weights of epoch e is the gradient of step e
 so it is computed once and used for both (the run costs E + 1 gradients, not 2E).
 Mini-batch, the exact full gradient costs one extra pass over the training set per epoch.
 
+Checkpoints: with `checkpoint_path` and `checkpoint_every=k`, every k-th epoch the run's
+state (weights, Adam's state, the scheduler's state, the batch-shuffling generator, the
+global torch RNG state, the metrics so far, the elapsed time and, full batch, the pending
+gradient) is written atomically to `checkpoint_path`, tagged with a fingerprint of the
+config, w0 and the data. A later call with the same fingerprint resumes from it and, on
+CPU, ends with exactly the metrics of an uninterrupted run (except `seconds`). The caller
+deletes the checkpoint once the run's result is saved.
+
 Example:
     >>> train, test = synthetic_classification(num_train=200, num_test=50)
     >>> model = build_model("fc1x32", dataset="synthetic", generator=torch.Generator())
@@ -38,10 +46,16 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
+import os
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from exactlr.curvature import training_loss_mode
-from exactlr.data import ArrayDataset, make_batches
+from exactlr.data import ArrayDataset, make_batches, validate_labels
 from exactlr.schedules import MethodSpec, build_scheduler
 
 __all__ = [
@@ -57,9 +71,13 @@ __all__ = [
     "EpochMetrics",
     "RunResult",
     "TrainConfig",
+    "check_dataset",
     "train_run",
     "validate_config",
 ]
+
+#: Version of the checkpoint format; a checkpoint of another version is ignored.
+CHECKPOINT_FORMAT = 1
 
 #: Largest evaluation chunk (samples) for models whose loss does not depend on batching.
 EVAL_CHUNK = 10_000
@@ -313,12 +331,111 @@ def _full_pass(
     return totals, (_grad_sq_norm(params) if with_grad else None), batch_sq
 
 
+def _optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> None:
+    """`optimizer.step()`; an update too large for the parameters' dtype makes them NaN.
+
+    Adam's step size lr / (1 - beta1^t) can overflow float32 for a huge LR (torch raises
+    "value cannot be converted to type float without overflow"): the run has diverged,
+    and NaN weights make the epoch's metrics NaN, so it is recorded as such.
+    """
+    try:
+        optimizer.step()
+    except RuntimeError as err:
+        if "overflow" not in str(err):
+            raise
+        with torch.no_grad():
+            for p in params:
+                p.fill_(math.nan)
+
+
 def _progress(iterable: range, enabled: bool, desc: str) -> Iterator[int]:
     if not enabled:
         return iter(iterable)
     from tqdm.auto import tqdm  # optional dependency, imported only when asked for
 
     return tqdm(iterable, desc=desc, unit="epoch")
+
+
+def check_dataset(dataset: ArrayDataset) -> None:
+    """Checks that a dataset can be trained on: finite inputs, labels in range.
+
+    Raises:
+        ValueError: Naming the dataset: an empty set, a NaN / inf input (with its sample
+            index), or a label outside `[0, num_classes)`.
+    """
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {dataset.name!r} is empty")
+    if dataset.inputs.is_floating_point():
+        finite = torch.isfinite(dataset.inputs.reshape(len(dataset), -1)).all(dim=1)
+        if not bool(finite.all()):
+            index = int(torch.nonzero(~finite)[0])
+            raise ValueError(
+                f"dataset {dataset.name!r} has NaN or inf inputs (first at sample {index}); "
+                "clean the data before training"
+            )
+    try:
+        validate_labels(dataset.targets, dataset.num_classes)
+    except ValueError as err:
+        raise ValueError(f"dataset {dataset.name!r}: {err}") from err
+
+
+def _tensor_digest(digest: Any, tensor: Tensor) -> None:
+    tensor = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    if tensor.numel():
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _fingerprint(
+    cfg: TrainConfig, state: Mapping[str, Tensor], train: ArrayDataset, test: ArrayDataset
+) -> str:
+    """SHA-256 of what determines a run: config, w0, the data (targets, input sums)."""
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for key in sorted(state):
+        digest.update(key.encode())
+        _tensor_digest(digest, state[key])
+    for data in (train, test):
+        _tensor_digest(digest, data.targets)
+        # A float64 sum, not the bytes: no copy of a big set, enough to tell sets apart.
+        total = float(data.inputs.sum(dtype=torch.float64))
+        digest.update(f"{tuple(data.inputs.shape)}|{total!r}".encode())
+    return digest.hexdigest()
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """`torch.save` to a temporary file in the same folder, then `os.replace`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it belongs to this run, else None (with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or corrupt: start over rather than crash
+        warnings.warn(f"ignoring unreadable checkpoint {path} ({err!r})", stacklevel=3)
+        return None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        warnings.warn(f"ignoring checkpoint {path} of another format", stacklevel=3)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        warnings.warn(
+            f"ignoring checkpoint {path}: it belongs to another config, w0 or data set",
+            stacklevel=3,
+        )
+        return None
+    return state
 
 
 # ------------------------------------------------------------------------------ train
@@ -333,6 +450,8 @@ def train_run(
     device: torch.device | str = "cpu",
     progress: bool = False,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    checkpoint_path: Path | str | None = None,
+    checkpoint_every: int = 0,
 ) -> RunResult:
     """Trains a copy of `model` (at w0) with Adam and the method of `cfg`.
 
@@ -348,15 +467,25 @@ def train_run(
         test: Test set.
         device: Device to train on.
         progress: Show a tqdm bar over epochs (needs tqdm).
-        on_epoch: Called with each epoch's metrics as soon as they are known.
+        on_epoch: Called with each epoch's metrics as soon as they are known (on resume,
+            only for the epochs trained after the checkpoint).
+        checkpoint_path: File to checkpoint to and resume from (see the module
+            docstring); None: no checkpoints.
+        checkpoint_every: Save a checkpoint after every `checkpoint_every`-th epoch
+            (0: never save; an existing checkpoint is still resumed from).
 
     Returns:
         The per-epoch metrics (epochs 0..E, or up to the divergence epoch).
 
     Raises:
-        ValueError: A bad config, or `batch_size` larger than the training set.
+        ValueError: A bad config, `batch_size` larger than the training set, NaN / inf
+            inputs, labels outside the class range, a negative `checkpoint_every`.
     """
     validate_config(cfg)
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 0 (0: never)")
+    check_dataset(train)
+    check_dataset(test)
     start = time.perf_counter()
     device = torch.device(device)
     net = copy.deepcopy(model).to(device)
@@ -405,6 +534,33 @@ def train_run(
         )
     generator = torch.Generator().manual_seed(cfg.seed)
 
+    ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    fingerprint = ""
+    resumed: dict[str, Any] | None = None
+    if ckpt_path is not None:
+        fingerprint = _fingerprint(cfg, model.state_dict(), train, test)
+        resumed = _load_checkpoint(ckpt_path, fingerprint)
+
+    def save_checkpoint(epoch: int) -> None:
+        assert ckpt_path is not None
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "run_name": cfg.run_name(),
+            "epoch": epoch,
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": (torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
+            # Full batch, the next step reuses the gradient of the last full pass.
+            "grads": [p.grad for p in params] if reuse else None,
+            "metrics": [asdict(m) for m in metrics],
+            "seconds": time.perf_counter() - start,
+        }
+        _save_checkpoint(ckpt_path, state)
+
     def test_metrics() -> _Totals:
         return _full_pass(net, params, test_batches, with_grad=False)[0]
 
@@ -424,27 +580,51 @@ def train_run(
             seconds=time.perf_counter() - start,
         )
 
-    # Epoch 0: at w0. The paper's grad_norm over the (unshuffled) training batches.
-    same_batches = eval_batches is train_batches
-    totals, full_sq, batch_sq = _full_pass(
-        net, params, eval_batches, with_grad=True, batch_grad_sq=not full_batch and same_batches
-    )
-    assert full_sq is not None
-    if full_batch:
-        batch_sq = full_sq
-    elif batch_sq is None:
-        batch_sq = _full_pass(net, params, train_batches, with_grad=True, batch_grad_sq=True)[2]
-        # That pass overwrote p.grad; the full gradient is not needed mini-batch.
-    assert batch_sq is not None
-    grad0 = math.sqrt(float(batch_sq.item()) / (1 if full_batch else steps_per_epoch))
-    metrics = [record(0, grad0, totals, full_sq, optimizer.param_groups[0]["lr"])]
-    if on_epoch is not None:
-        on_epoch(metrics[0])
-    diverged_at = None if metrics[0].is_finite() else 0
-    if diverged_at is not None:
-        return RunResult(cfg, metrics, diverged_at, time.perf_counter() - start, str(device))
+    metrics: list[EpochMetrics] = []
+    if resumed is not None:
+        net.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resumed["scheduler"])
+        generator.set_state(resumed["generator"])
+        # Restored so that Dropout masks continue as in an uninterrupted run.
+        torch.set_rng_state(resumed["torch_rng"])
+        if resumed["cuda_rng"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(resumed["cuda_rng"], device)
+        if resumed["grads"] is not None:
+            for p, g in zip(params, resumed["grads"], strict=True):
+                p.grad = None if g is None else g.to(device)
+        metrics = [EpochMetrics(**m) for m in resumed["metrics"]]
+        start = time.perf_counter() - float(resumed["seconds"])
+        first_epoch = int(resumed["epoch"]) + 1
+    else:
+        # Epoch 0: at w0. The paper's grad_norm over the (unshuffled) training batches.
+        same_batches = eval_batches is train_batches
+        totals, full_sq, batch_sq = _full_pass(
+            net,
+            params,
+            eval_batches,
+            with_grad=True,
+            batch_grad_sq=not full_batch and same_batches,
+        )
+        assert full_sq is not None
+        if full_batch:
+            batch_sq = full_sq
+        elif batch_sq is None:
+            batch_sq = _full_pass(net, params, train_batches, with_grad=True, batch_grad_sq=True)[2]
+            # That pass overwrote p.grad; the full gradient is not needed mini-batch.
+        assert batch_sq is not None
+        grad0 = math.sqrt(float(batch_sq.item()) / (1 if full_batch else steps_per_epoch))
+        metrics = [record(0, grad0, totals, full_sq, optimizer.param_groups[0]["lr"])]
+        if on_epoch is not None:
+            on_epoch(metrics[0])
+        diverged_at = None if metrics[0].is_finite() else 0
+        if diverged_at is not None:
+            return RunResult(cfg, metrics, diverged_at, time.perf_counter() - start, str(device))
+        first_epoch = 1
 
-    bar = _progress(range(1, cfg.epochs + 1), progress, cfg.run_name())
+    diverged_at = None
+    bar = _progress(range(first_epoch, cfg.epochs + 1), progress, cfg.run_name())
     for epoch in bar:
         lr_sum = 0.0
         if full_batch:
@@ -457,7 +637,7 @@ def train_run(
                 F.cross_entropy(net(train_batches[0][0]), train_batches[0][1]).backward()
                 grad_norm = math.sqrt(float(_grad_sq_norm(params).item()))
             lr_sum += optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            _optimizer_step(optimizer, params)
             if scheduler is not None:
                 scheduler.step()
         else:
@@ -467,7 +647,7 @@ def train_run(
                 F.cross_entropy(net(x), y).backward()
                 batch_sq += _grad_sq_norm(params)
                 lr_sum += optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                _optimizer_step(optimizer, params)
                 if per_batch and scheduler is not None:
                     scheduler.step()
             if scheduler is not None and not per_batch:
@@ -485,6 +665,10 @@ def train_run(
         if not metrics[-1].is_finite():
             diverged_at = epoch
             break
+        due = checkpoint_every > 0 and epoch % checkpoint_every == 0
+        # The last epoch's state is the result itself: no checkpoint for it.
+        if ckpt_path is not None and due and epoch < cfg.epochs:
+            save_checkpoint(epoch)
     if hasattr(bar, "close"):
         bar.close()
     return RunResult(
