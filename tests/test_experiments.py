@@ -210,3 +210,21 @@ def test_state_dict_hash_sees_every_value() -> None:
     assert h == experiments.state_dict_sha256({k: v.clone() for k, v in state.items()})
     state["w"][1] = 1e-7
     assert h != experiments.state_dict_sha256(state)
+
+
+def test_horizon_figures_share_one_smoothness_estimate(
+    smoke_out: Path, shared_data: Path
+) -> None:
+    # fig12 varies T only: K_hat and L(w0) are estimated once, alpha is rescaled per T.
+    run_figure("fig12", scale="smoke", out_dir=smoke_out, data_dir=shared_data, progress=False)
+    entries = [
+        json.loads(p.read_text())
+        for p in (smoke_out / "lr").glob("*.json")
+        if "lenet" in p.name and "bfull" in p.name
+    ]
+    assert len(entries) == 3
+    assert len({e["k_hat"] for e in entries}) == 1
+    assert sum("reused_from" in e for e in entries) == 2
+    for e in entries:
+        expected = (2 * e["initial_loss"] / (e["k_hat"] * e["total_steps"])) ** 0.5
+        assert e["lr"] == pytest.approx(expected, rel=1e-12)

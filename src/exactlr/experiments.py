@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -513,6 +514,11 @@ def _lr_key(s: _Setting, seed: int) -> str:
     return f"{data}__{s.model}__{s.init}__b{batch}__e{s.epochs}__seed{seed}__k{s.num_samples}"
 
 
+def _smoothness_key(lr_key: str) -> str:
+    """The ours-LR key without the horizon: K_hat and L(w0) do not depend on T."""
+    return re.sub(r"__e\d+__", "__", lr_key)
+
+
 def resolve_figure(
     name: str,
     scale: str,
@@ -657,7 +663,7 @@ def _compute_ours(
 
     from exactlr.data import make_batches
     from exactlr.results import write_json_atomic
-    from exactlr.stepsize import suggest_lr
+    from exactlr.stepsize import exact_step_size, suggest_lr
 
     path = _lr_cache_path(out_dir, plan.lr_key)
     if path.is_file():
@@ -665,6 +671,20 @@ def _compute_ours(
     cfg = plan.config
     batches = make_batches(train.to(device), cfg.batch_size)
     total_steps = cfg.epochs * len(batches)
+    # Figures that vary T (fig12-15) share one K_hat estimate: only alpha depends on T.
+    for other in sorted(path.parent.glob("*.json")) if path.parent.is_dir() else []:
+        cached = json.loads(other.read_text())
+        if _smoothness_key(cached.get("key", "")) == _smoothness_key(plan.lr_key):
+            entry = dict(cached)
+            entry.update(
+                key=plan.lr_key,
+                lr=exact_step_size(cached["initial_loss"], cached["k_hat"], total_steps),
+                total_steps=total_steps,
+                epochs=cfg.epochs,
+                reused_from=cached["key"],
+            )
+            write_json_atomic(path, entry)
+            return entry
     start = time.perf_counter()
     suggestion = suggest_lr(
         copy.deepcopy(model).to(device),
