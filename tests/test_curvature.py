@@ -587,3 +587,108 @@ def test_deterministic_and_global_rng_untouched(method: str) -> None:
         b.lambda_min,
         b.num_hvps,
     )
+
+
+# ------------------------------------- multi-fidelity start and the "norm" stopping rule
+
+
+def test_lanczos_ritz_vectors_are_eigenvectors() -> None:
+    eigenvalues = [6.0, -4.0, 2.0, 1.0, *[0.1 * i for i in range(16)]]
+    a = sym_matrix(eigenvalues)
+    res = lanczos(lambda v: a @ v, start(20), tol=1e-10, return_vectors=True)
+    assert res.vector_max is not None and res.vector_min is not None
+    for vector, value in ((res.vector_max, 6.0), (res.vector_min, -4.0)):
+        assert float(vector.norm()) == pytest.approx(1.0, abs=1e-12)
+        # The eigenvalue bound is r^2 / gap, so the residual r is about its square root.
+        assert float((a @ vector - value * vector).norm()) <= 1e-4
+    assert lanczos(lambda v: a @ v, start(20)).vector_max is None
+
+
+@pytest.mark.parametrize("dominant_sign", [1.0, -1.0])
+def test_lanczos_target_norm_stops_no_later_and_meets_tol(dominant_sign: float) -> None:
+    # One end dominates the other five-fold: "norm" needs only that end's bound.
+    eigenvalues = [dominant_sign * 10.0, -dominant_sign * 2.0, *[0.05 * i for i in range(38)]]
+    a = sym_matrix(eigenvalues, seed=2)
+    both = lanczos(lambda v: a @ v, start(40), tol=1e-8)
+    norm = lanczos(lambda v: a @ v, start(40), tol=1e-8, target="norm")
+    assert both.converged and norm.converged
+    assert norm.num_matvecs <= both.num_matvecs
+    assert norm.spectral_norm == pytest.approx(10.0, rel=1e-8)
+    assert norm.error_estimate <= 1e-8 * norm.spectral_norm
+    with pytest.raises(ValueError, match="target"):
+        lanczos(lambda v: a @ v, start(40), target="max")
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+@pytest.mark.parametrize("target", ["both", "norm"])
+def test_multi_fidelity_matches_eigvalsh(setup: str, target: str) -> None:
+    model, loss_fn, batches = SETUPS[setup]()
+    eig = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, batches))
+    lmax, lmin = float(eig[-1]), float(eig[0])
+    norm = max(abs(lmax), abs(lmin))
+    before = snapshot(model)
+    res = hessian_spectral_norm(
+        model,
+        loss_fn,
+        batches,
+        tol=1e-6,
+        generator=torch.Generator().manual_seed(0),
+        subsample=0.5,
+        target=target,
+    )
+    assert_same_state(before, snapshot(model))
+    assert res.converged and res.subsample_hvps > 0 and res.num_hvps > 0
+    assert res.value == max(abs(res.lambda_max), abs(res.lambda_min))
+    assert abs(res.value - norm) <= 1e-4 * norm
+    if target == "both":
+        assert abs(res.lambda_max - lmax) <= 1e-4 * norm
+        assert abs(res.lambda_min - lmin) <= 1e-4 * norm
+    # Ritz values lie inside the spectrum, whatever the start vector.
+    assert lmin - 1e-8 * norm <= res.lambda_min <= res.lambda_max <= lmax + 1e-8 * norm
+
+
+def test_multi_fidelity_default_tolerance_on_norm() -> None:
+    for setup in ("mlp", "bn", "conv", "indefinite"):
+        model, loss_fn, batches = SETUPS[setup]()
+        norm = float(torch.linalg.eigvalsh(dense_hessian(model, loss_fn, batches)).abs().max())
+        res = hessian_spectral_norm(
+            model,
+            loss_fn,
+            batches,
+            tol=1e-3,
+            generator=torch.Generator().manual_seed(1),
+            subsample=0.3,
+            target="norm",
+        )
+        assert res.converged
+        assert abs(res.value - norm) <= 1e-3 * norm, setup
+
+
+def test_subsample_batches_keeps_each_batch_share() -> None:
+    from exactlr.curvature import subsample_batches
+
+    x, y = data(30, (4,))
+    batches = split(x, y, [10, 20])
+    sub = subsample_batches(batches, 0.3, generator=torch.Generator().manual_seed(0))
+    assert [len(b[0]) for b in sub] == [3, 6]
+    for (xs, ys), (xb, yb) in zip(sub, batches, strict=True):
+        rows = [int((xb == row).all(dim=1).nonzero()) for row in xs]
+        assert rows == sorted(set(rows)) and torch.equal(yb[rows], ys)
+    # At least two samples of each batch (BatchNorm needs two).
+    assert [len(b[0]) for b in subsample_batches(batches, 0.01)] == [2, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"subsample": 1.0},
+        {"subsample": 0.0},
+        {"subsample": 0.5, "method": "power"},
+        {"target": "norm", "method": "power"},
+        {"target": "max"},
+    ],
+)
+def test_multi_fidelity_argument_errors(kwargs: dict) -> None:
+    model, loss_fn, batches = SETUPS["mlp"]()
+    with pytest.raises(ValueError, match=r"subsample|target"):
+        hessian_spectral_norm(model, loss_fn, batches, **kwargs)

@@ -224,24 +224,46 @@ def _check_figure(name: str, scale: str | None = None) -> None:
         raise UsageError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
 
 
+def _ray_runner(address: str | None):  # type: ignore[no-untyped-def]
+    """The Ray executor's runner, or a one-line `UsageError` if Ray is missing."""
+    from exactlr.distributed import ray_available, ray_runner
+
+    if not ray_available():
+        raise UsageError(
+            "--executor ray needs Ray, which is not installed: pip install 'ray>=2.9' "
+            "(or exactlr[ray]); or use --executor local"
+        )
+    return ray_runner(address)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from exactlr.experiments import run_figure
 
     _check_figure(args.figure, args.scale)
     out = _out_dir(args.out, create=True)
     device = resolve_device(args.device)
+    if args.address is not None and args.executor != "ray":
+        raise UsageError("--address is only used with --executor ray")
+    runner = _ray_runner(args.address) if args.executor == "ray" else None
     start = time.perf_counter()
-    paths = run_figure(
-        args.figure,
-        scale=args.scale,
-        out_dir=out,
-        device=device,
-        seed=args.seed,
-        data_dir=args.data_dir,
-        progress=not args.quiet,
-        epochs=args.epochs,
-        checkpoint_every=args.checkpoint_every,
-    )
+    try:
+        paths = run_figure(
+            args.figure,
+            scale=args.scale,
+            out_dir=out,
+            device=device,
+            seed=args.seed,
+            data_dir=args.data_dir,
+            progress=not args.quiet,
+            epochs=args.epochs,
+            checkpoint_every=args.checkpoint_every,
+            runner=runner,
+        )
+        if runner is not None:  # run_figure only submitted the runs; collect them here
+            runner.wait()
+    finally:
+        if runner is not None:
+            runner.close()
     print(
         f"{args.figure} ({args.scale}): {len(paths)} runs in {out}/runs "
         f"({time.perf_counter() - start:.1f} s); next: exactlr report {args.figure} "
@@ -373,6 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="checkpoint each run every N epochs under OUT/checkpoints, so a killed run "
         "resumes mid-run (default: 5 at cpu/paper scale, none at smoke; 0: none)",
+    )
+    run.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="local: runs one after another here; ray: independent runs as Ray tasks "
+        "(result files written here, so no shared storage is needed)",
+    )
+    run.add_argument(
+        "--address",
+        default=None,
+        help="with --executor ray: Ray cluster address HOST:PORT or 'auto' "
+        "(default: start a local Ray on this machine)",
     )
     add_common_data_args(run)
     run.set_defaults(func=_cmd_run)

@@ -132,7 +132,8 @@ def estimate_smoothness(
         device: Device for the sampled models and the data (default: the model's own).
         progress: Show a tqdm progress bar (if tqdm is installed).
         **spectral_kwargs: Passed to :func:`~exactlr.curvature.hessian_spectral_norm`
-            (``method``, ``tol``, ``max_iters``, ``hvp_mode``).
+            (``method``, ``tol``, ``max_iters``, ``hvp_mode``, ``subsample``,
+            ``subsample_tol``, ``target``).
 
     Returns:
         A :class:`SmoothnessEstimate`.
@@ -157,7 +158,8 @@ def estimate_smoothness(
         raise ValueError(f"patience must be None or a positive integer, got {patience=}")
     if not (rel_tol >= 0 and math.isfinite(rel_tol)):
         raise ValueError(f"rel_tol must be a non-negative finite number, got {rel_tol=}")
-    unknown = set(spectral_kwargs) - {"method", "tol", "max_iters", "hvp_mode"}
+    allowed = {"method", "tol", "max_iters", "hvp_mode", "subsample", "subsample_tol", "target"}
+    unknown = set(spectral_kwargs) - allowed
     if unknown:
         raise ValueError(f"unknown keyword arguments {sorted(unknown)} for the spectral norm")
     data = materialize_batches(batches, torch.device(device) if device is not None else None)

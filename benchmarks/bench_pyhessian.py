@@ -1,0 +1,177 @@
+"""Benchmark: Hessian spectral norm to 1e-3, ours against PyHessian 0.1, in one run.
+
+Same model (paper preset, seed 0), same data (mini-MNIST, one full batch), same dtype
+(float32) and threads. Repetitions are interleaved (ours default, ours multi-fidelity,
+PyHessian, ours default, ...) so that drifting machine load hits all alike; medians are
+printed with the ratio ``PyHessian / ours``.
+
+* Ours default: ``hessian_spectral_norm(..., tol=1e-3)`` (Lanczos, random start, both
+  extremes to the bound).
+* Ours best: ``subsample=0.1, target="norm"`` (multi-fidelity start from a 10%
+  subsample Hessian, stop on the spectral norm's bound).
+* PyHessian: ``hessian(model, criterion, data=(x, y), cuda=False).eigenvalues(top_n=1,
+  tol=1e-3)``: power iteration reusing one ``create_graph=True`` gradient graph, stopping
+  on a relative change < tol. It returns the top *algebraic* eigenvalue, not the spectral
+  norm; its error is measured against the reference ``lambda_max`` (which is also the
+  norm here; ours prints ``|lambda_min|`` too). PyHessian calls ``model.eval()``; the
+  paper preset's BatchNorm has no running statistics, so eval mode still normalises with
+  batch statistics: the same function as ours.
+
+The reference is our Lanczos at ``--ref-tol`` (default 1e-8, up to 120 products) from
+another start vector. PyHessian is not a dependency of exactlr: install it in a separate
+environment for this script only (see benchmarks/README.md).
+
+    python benchmarks/bench_pyhessian.py --models fc3x1000,lenet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exactlr.curvature import (
+    HessianOperator,
+    hessian_spectral_norm,
+    lanczos,
+    random_unit_vector,
+    training_loss_mode,
+)
+from exactlr.data import load_dataset
+from exactlr.models import build_model
+
+
+def reference(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, tol: float, cache: str | None, key: str
+) -> tuple:
+    """Tightly converged Lanczos at the model's weights: (norm, lambda_max, lambda_min).
+
+    With ``cache`` (a JSON file), a reference computed before for the same ``key``
+    (model, samples, seed, tolerance) is reused: it costs ~50 products on FC 3x1000.
+    """
+    stored = json.loads(Path(cache).read_text()) if cache and Path(cache).is_file() else {}
+    if key in stored:
+        norm, lam_max, lam_min = stored[key]
+        print(f"reference (cached, {key}): ||H|| = {norm:.6g} (lambda_min {lam_min:.6g})")
+        return norm, lam_max, lam_min
+    start = time.perf_counter()
+    with training_loss_mode(model):
+        op = HessianOperator(model, F.cross_entropy, [(x, y)], hvp_mode="reverse")
+        v0 = random_unit_vector(op.dim, generator=torch.Generator().manual_seed(123))
+        res = lanczos(op, v0, tol=tol, max_iters=120)
+        op.release()
+    print(
+        f"reference: ||H|| = {res.spectral_norm:.6g} (lambda_max {res.lambda_max:.6g}, "
+        f"lambda_min {res.lambda_min:.6g}; {res.num_matvecs} products, bound "
+        f"{res.error_estimate:.1e}, converged {res.converged}, "
+        f"{time.perf_counter() - start:.0f} s)"
+    )
+    if cache:
+        stored[key] = [res.spectral_norm, res.lambda_max, res.lambda_min]
+        Path(cache).write_text(json.dumps(stored, indent=1))
+    return res.spectral_norm, res.lambda_max, res.lambda_min
+
+
+def run_pyhessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
+    """PyHessian's top eigenvalue, run as its README shows; returns the eigenvalue."""
+    from pyhessian import hessian
+
+    torch.manual_seed(seed)  # PyHessian draws its start vector from the global RNG
+    mode = model.training
+    try:
+        h = hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        eigenvalues, _ = h.eigenvalues(top_n=1, tol=1e-3)
+    finally:
+        model.train(mode)
+        for p in model.parameters():  # PyHessian leaves the create_graph gradients here
+            p.grad = None
+    return float(eigenvalues[0])
+
+
+def bench_model(name: str, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> None:
+    """Interleaved repetitions for one model; prints the summary lines."""
+    model = build_model(
+        name, dataset="mnist", init="paper", generator=torch.Generator().manual_seed(args.seed)
+    )
+    dim = sum(p.numel() for p in model.parameters())
+    print(f"== {name} (paper preset, {dim:,} parameters, {len(x)} samples)")
+    key = f"{name}|n={len(x)}|seed={args.seed}|tol={args.ref_tol:g}"
+    norm, lam_max, lam_min = reference(model, x, y, args.ref_tol, args.ref_cache, key)
+    settings = {
+        "default": {},
+        "best": {"subsample": args.subsample, "target": "norm"},
+    }
+    times: dict[str, list[float]] = {"default": [], "best": [], "pyhessian": []}
+    errors: dict[str, list[float]] = {"default": [], "best": [], "pyhessian": []}
+    for rep in range(args.reps):
+        for label, kwargs in settings.items():
+            gen = torch.Generator().manual_seed(1000 + rep)
+            start = time.perf_counter()
+            res = hessian_spectral_norm(
+                model, F.cross_entropy, [(x, y)], tol=1e-3, generator=gen, **kwargs
+            )
+            times[label].append(time.perf_counter() - start)
+            errors[label].append(abs(res.value - norm) / norm)
+            print(
+                f"  rep {rep} ours {label}: {times[label][-1]:.1f} s, value {res.value:.5g} "
+                f"|lambda_min| {abs(res.lambda_min):.4g} (ref {abs(lam_min):.4g}), "
+                f"{res.num_hvps} full + {res.subsample_hvps} subsample products, "
+                f"err {errors[label][-1]:.1e}, bound {res.error_estimate / res.value:.1e}"
+            )
+        start = time.perf_counter()
+        top = run_pyhessian(model, x, y, seed=1000 + rep)
+        times["pyhessian"].append(time.perf_counter() - start)
+        errors["pyhessian"].append(abs(top - lam_max) / abs(lam_max))
+        print(
+            f"  rep {rep} pyhessian: {times['pyhessian'][-1]:.1f} s, top eigenvalue "
+            f"{top:.5g}, err {errors['pyhessian'][-1]:.1e}"
+        )
+    med = {k: statistics.median(v) for k, v in times.items()}
+    err = {k: max(v) for k, v in errors.items()}
+    for label in ("default", "best"):
+        tag = "" if label == "best" else " [ours default settings]"
+        print(
+            f"{name}: ours {med[label]:.1f} s (err {err[label]:.1e}), pyhessian "
+            f"{med['pyhessian']:.1f} s (err {err['pyhessian']:.1e}), speedup "
+            f"{med['pyhessian'] / med[label]:.2f}{tag}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("EXACTLR_DATA", "/work/shared/data"))
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    parser.add_argument("--models", default="fc3x1000,lenet", help="comma list")
+    parser.add_argument("--num-samples", type=int, default=None, help="default: all 5,500")
+    parser.add_argument("--subsample", type=float, default=0.1, help="ours best: share")
+    parser.add_argument("--ref-tol", type=float, default=1e-8, help="reference tolerance")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed")
+    parser.add_argument("--ref-cache", default=None, help="JSON file caching references")
+    args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    torch.set_num_threads(args.threads)
+    train, _ = load_dataset("mnist", subset="mini", data_dir=args.data_dir)
+    n = args.num_samples or len(train)
+    x, y = train.inputs[:n].float().contiguous(), train.targets[:n].contiguous()
+    import pyhessian  # noqa: F401  (fail early with a clear ImportError)
+
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
+        f"mini-MNIST full batch of {n}; tol 1e-3; reps {args.reps} interleaved"
+    )
+    for name in args.models.split(","):
+        bench_model(name, x, y, args)
+
+
+if __name__ == "__main__":
+    main()

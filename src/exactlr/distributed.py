@@ -1,0 +1,202 @@
+"""Independent runs of a figure on Ray: one machine's cores or a cluster.
+
+:func:`ray_runner` returns a :class:`RayRunner`, a drop-in for
+:func:`exactlr.experiments.execute_run` in ``run_figure(..., runner=...)``. Each call
+submits the run as a Ray task and returns at once with the path its result file will
+have; :meth:`RayRunner.wait` then collects the tasks as they finish.
+
+The task trains into a private temporary folder on the worker and sends the files it
+wrote back to the driver, which writes them under the results folder atomically (temp
+file + ``os.replace``, the same as a local run). So workers need no shared filesystem
+and the result files are exactly those of the local executor. Every worker must be able
+to import ``exactlr`` (install it on every node, or use a Ray ``runtime_env``).
+
+Example:
+    >>> from exactlr.experiments import run_figure                # doctest: +SKIP
+    >>> runner = ray_runner(None, num_cpus=2)                     # doctest: +SKIP
+    >>> try:                                                      # doctest: +SKIP
+    ...     run_figure("fig1", scale="smoke", out_dir="results", runner=runner)
+    ...     runner.wait()
+    ... finally:
+    ...     runner.close()
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RayRunner", "ray_available", "ray_runner"]
+
+
+def ray_available() -> bool:
+    """Whether ``import ray`` works here."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _run_in_tmp(
+    plan: Any, kwargs: Mapping[str, Any], ours: Any, w0_state: Any, train: Any, test: Any
+) -> dict[str, bytes]:
+    """Runs ``execute_run`` into a temporary folder; returns ``{relative path: bytes}``.
+
+    The large inputs are positional so that Ray resolves their object references.
+    """
+    from exactlr.experiments import execute_run
+
+    files: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="exactlr-ray-") as tmp:
+        execute_run(
+            plan, ours=ours, w0_state=w0_state, train=train, test=test, out_dir=tmp, **kwargs
+        )
+        for path in Path(tmp).rglob("*"):
+            if path.is_file() and not path.name.startswith("."):
+                files[path.relative_to(tmp).as_posix()] = path.read_bytes()
+    return files
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RayRunner:
+    """Submits runs as Ray tasks; the driver writes their files (see module docstring).
+
+    Args:
+        num_cpus_per_run: CPUs Ray reserves for each run (its torch threads follow).
+        owns_ray: Whether :meth:`close` shuts Ray down (it was started by us).
+    """
+
+    def __init__(self, *, num_cpus_per_run: float = 1, owns_ray: bool = False) -> None:
+        import ray
+
+        self._ray = ray
+        self._task = ray.remote(num_cpus=num_cpus_per_run)(_run_in_tmp)
+        self._pending: dict[Any, Path] = {}
+        self._refs: dict[int, tuple[Any, Any]] = {}
+        self.owns_ray = owns_ray
+
+    @property
+    def num_pending(self) -> int:
+        """Submitted runs not yet collected."""
+        return len(self._pending)
+
+    def _put(self, obj: Any) -> Any:
+        """One object-store copy per distinct object (data and w0 are shared by runs)."""
+        key = id(obj)
+        if key not in self._refs:
+            self._refs[key] = (obj, self._ray.put(obj))
+        return self._refs[key][1]
+
+    def __call__(
+        self,
+        plan: Any,
+        *,
+        ours: Mapping[str, Any],
+        w0_state: Mapping[str, Any],
+        train: Any,
+        test: Any,
+        out_dir: str | os.PathLike[str],
+        **kwargs: Any,
+    ) -> Path:
+        """Submits one run (``execute_run``'s signature); returns its result path."""
+        from exactlr.results import result_path
+
+        if "device" in kwargs:
+            kwargs["device"] = str(kwargs["device"])
+        # Checkpoints would land in the worker's temporary folder and die with it.
+        if "checkpoint_every" in kwargs:
+            kwargs["checkpoint_every"] = 0
+        ref = self._task.remote(
+            plan,
+            kwargs,
+            self._put(ours),
+            self._put(w0_state),
+            self._put(train),
+            self._put(test),
+        )
+        self._pending[ref] = Path(out_dir)
+        return result_path(Path(out_dir), plan.resolve(float(ours["lr"])))
+
+    def wait(self) -> int:
+        """Waits for every submitted run, writing its files as it finishes.
+
+        Returns:
+            The number of runs collected.
+
+        Raises:
+            Whatever a run raised (runs finished before it are written, so rerunning
+            resumes).
+        """
+        done = 0
+        while self._pending:
+            ready, _ = self._ray.wait(list(self._pending), num_returns=1)
+            out = self._pending.pop(ready[0])
+            files = self._ray.get(ready[0])
+            for rel, data in sorted(files.items()):
+                _write_atomic(out / rel, data)
+            done += 1
+        self._refs.clear()
+        return done
+
+    def close(self) -> None:
+        """Cancels unfinished runs and shuts Ray down if this runner started it."""
+        for ref in list(self._pending):
+            self._ray.cancel(ref, force=True)
+        self._pending.clear()
+        self._refs.clear()
+        if self.owns_ray and self._ray.is_initialized():
+            self._ray.shutdown()
+
+
+def ray_runner(
+    address: str | None = None, num_cpus: int | None = None, *, num_cpus_per_run: float = 1
+) -> RayRunner:
+    """A :class:`RayRunner` on a local Ray (``address=None``) or a cluster.
+
+    Connects to an already initialised Ray if there is one; otherwise calls
+    ``ray.init(address=address)`` (a local instance with ``num_cpus`` CPUs when
+    ``address`` is None, the cluster at ``HOST:PORT`` or ``"auto"`` otherwise), which the
+    runner's :meth:`~RayRunner.close` shuts down again.
+
+    Args:
+        address: Ray cluster address, or None for a local Ray on this machine.
+        num_cpus: CPUs of the local Ray (default: all); ignored for a cluster.
+        num_cpus_per_run: CPUs reserved per run.
+
+    Returns:
+        The runner.
+
+    Raises:
+        ImportError: Ray is not installed (``pip install "ray>=2.9"``).
+    """
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError(
+            "the ray executor needs Ray: pip install 'ray>=2.9' (or the exactlr 'ray' extra)"
+        ) from err
+    owns = False
+    if not ray.is_initialized():
+        if address is None:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+        owns = True
+    return RayRunner(num_cpus_per_run=num_cpus_per_run, owns_ray=owns)
