@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 _SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -20,3 +21,13 @@ def shared_data() -> Path:
         if path.is_dir():
             return path
     pytest.skip(f"offline data folder not found (looked in {candidates}); set EXACTLR_DATA")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests use tiny problems: extra threads only add overhead (and thrash on a busy
+    2-core machine, where OpenMP spin-waiting made 3-epoch runs 20-100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

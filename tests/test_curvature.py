@@ -31,15 +31,6 @@ DTYPE = torch.float64
 Batches = list[tuple[Tensor, Tensor]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 problems: threads only add overhead (and thrash on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------- helpers
 
 

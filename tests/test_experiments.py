@@ -212,9 +212,7 @@ def test_state_dict_hash_sees_every_value() -> None:
     assert h != experiments.state_dict_sha256(state)
 
 
-def test_horizon_figures_share_one_smoothness_estimate(
-    smoke_out: Path, shared_data: Path
-) -> None:
+def test_horizon_figures_share_one_smoothness_estimate(smoke_out: Path, shared_data: Path) -> None:
     # fig12 varies T only: K_hat and L(w0) are estimated once, alpha is rescaled per T.
     run_figure("fig12", scale="smoke", out_dir=smoke_out, data_dir=shared_data, progress=False)
     entries = [

@@ -16,15 +16,6 @@ from exactlr.smoothness import SampleRecord, estimate_smoothness
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 problems: threads only add overhead (and thrash on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model() -> nn.Module:
     """A fresh tiny BN network drawn from the global RNG (one sample of W)."""
     return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)

@@ -18,15 +18,6 @@ from exactlr.stepsize import default_make_model, exact_step_size, suggest_lr
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 problems: threads only add overhead (and thrash on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------ formula
 
 

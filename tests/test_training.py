@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,15 +17,6 @@ from exactlr.schedules import MethodSpec, ours_methods
 from exactlr.training import EpochMetrics, TrainConfig, train_run, validate_config
 
 EPOCHS = 3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models: intra-op threads only add spin-wait overhead (seconds on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,9 @@ def estimate_smoothness(
         progress: Show a tqdm progress bar (if tqdm is installed).
         **spectral_kwargs: Passed to :func:`~exactlr.curvature.hessian_spectral_norm`
             (``method``, ``tol``, ``max_iters``, ``hvp_mode``, ``subsample``,
-            ``subsample_tol``, ``target``).
+            ``subsample_tol``, ``target``). ``target`` defaults to ``"norm"`` here: the
+            spectral norm is certified to ``tol``; the records' smaller-magnitude
+            eigenvalue is then only a loose estimate (pass ``target="both"`` for both).
 
     Returns:
         A :class:`SmoothnessEstimate`.
@@ -162,6 +164,9 @@ def estimate_smoothness(
     unknown = set(spectral_kwargs) - allowed
     if unknown:
         raise ValueError(f"unknown keyword arguments {sorted(unknown)} for the spectral norm")
+    # K_hat needs only each sample's spectral norm: stop on its error bound and leave the
+    # smaller end of the spectrum loose (5-6x fewer products when lambda_max dominates).
+    spectral_kwargs.setdefault("target", "norm")
     data = materialize_batches(batches, torch.device(device) if device is not None else None)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
