@@ -69,6 +69,7 @@ def test_estimate_fields_and_dense_reference() -> None:
         num_samples=3,
         generator=torch.Generator().manual_seed(0),
         tol=1e-6,
+        target="both",  # certify lambda_min too: the default certifies only the norm
     )
     assert torch.equal(rng, torch.get_rng_state())
     assert len(est.samples) == len(est.records) == len(est.running_max) == 3
@@ -107,6 +108,7 @@ def test_minibatch_variant_is_max_over_batches() -> None:
         variant="minibatch",
         generator=torch.Generator().manual_seed(3),
         tol=1e-6,
+        target="both",
     )
     assert est.variant == "minibatch"
     for record in est.records:
@@ -226,3 +228,17 @@ def test_bad_inputs() -> None:
     x, y = batches()[0]
     with pytest.raises(ValueError, match="label 4"):
         estimate_smoothness(make_model, F.cross_entropy, [(x, torch.full_like(y, 4))])
+
+
+def test_default_certifies_the_norm_only() -> None:
+    # Algorithm 2 needs each sample's spectral norm: by default Lanczos stops on the
+    # norm's error bound, with no more products than certifying both ends.
+    data = batches()
+    kwargs = dict(num_samples=2, generator=torch.Generator().manual_seed(0), tol=1e-6)
+    fast = estimate_smoothness(make_model, F.cross_entropy, data, **kwargs)
+    both = estimate_smoothness(make_model, F.cross_entropy, data, target="both", **kwargs)
+    assert fast.num_hvps <= both.num_hvps
+    for record in fast.records:
+        lmax, lmin = dense_norm(redraw(record.seed), data)
+        norm = max(abs(lmax), abs(lmin))
+        assert abs(record.value - norm) <= 1e-4 * norm

@@ -166,7 +166,8 @@ def estimate_smoothness(
         raise ValueError(f"unknown keyword arguments {sorted(unknown)} for the spectral norm")
     # K_hat needs only each sample's spectral norm: stop on its error bound and leave the
     # smaller end of the spectrum loose (5-6x fewer products when lambda_max dominates).
-    spectral_kwargs.setdefault("target", "norm")
+    if spectral_kwargs.get("method", "lanczos") == "lanczos":
+        spectral_kwargs.setdefault("target", "norm")
     data = materialize_batches(batches, torch.device(device) if device is not None else None)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
