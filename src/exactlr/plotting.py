@@ -125,15 +125,7 @@ def plot_figure(
         title += f"  [{len(missing)} run(s) missing]"
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    plots = root / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in formats:
-        path = plots / f"{name}-{scale}.{fmt}"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        paths.append(path)
-    plt.close(fig)
-    return paths
+    return _save_figure(fig, root / "plots", f"{name}-{scale}", formats)
 
 
 def plot_smoothness(
@@ -182,12 +174,27 @@ def plot_smoothness(
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    plots = root / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
+    return _save_figure(fig, root / "plots", f"{name}-{scale}-smoothness", formats)
+
+
+def _save_figure(fig: Any, folder: Path, stem: str, formats: tuple[str, ...]) -> list[Path]:
+    """Save ``fig`` as ``folder/stem.<fmt>`` for each format, then close it.
+
+    Each file is written to a temporary name and renamed, so an interrupted plot never
+    leaves a half-written image behind.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for fmt in formats:
-        path = plots / f"{name}-{scale}-smoothness.{fmt}"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        paths.append(path)
-    plt.close(fig)
+    try:
+        for fmt in formats:
+            path = folder / f"{stem}.{fmt}"
+            tmp = folder / f".{stem}.{fmt}.{os.getpid()}.tmp"
+            try:
+                fig.savefig(tmp, dpi=120, bbox_inches="tight", format=fmt)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            paths.append(path)
+    finally:
+        plt.close(fig)
     return paths
