@@ -61,20 +61,6 @@ def _run_in_tmp(
     return files
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class RayRunner:
     """Submits runs as Ray tasks; the driver writes their files (see module docstring).
 
@@ -144,13 +130,15 @@ class RayRunner:
             Whatever a run raised (runs finished before it are written, so rerunning
             resumes).
         """
+        from exactlr.results import write_bytes_atomic
+
         done = 0
         while self._pending:
             ready, _ = self._ray.wait(list(self._pending), num_returns=1)
             out = self._pending.pop(ready[0])
             files = self._ray.get(ready[0])
             for rel, data in sorted(files.items()):
-                _write_atomic(out / rel, data)
+                write_bytes_atomic(out / rel, data)
             done += 1
         self._refs.clear()
         return done

@@ -154,16 +154,22 @@ def write_json_atomic(path: Path | str, obj: Any) -> None:
     The file gets mode `file_mode()` (0o644 under the usual umask). On any error the
     temporary file is removed and the target is left as it was.
     """
+    text = json.dumps(encode_nonfinite(obj), indent=1, allow_nan=False, sort_keys=False)
+    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path | str, data: bytes) -> None:
+    """Writes `data` to `path` atomically (temp file, fsync, `os.replace`, mode
+    `file_mode()`); on any error the temporary file is removed and the target is left as
+    it was. Parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(encode_nonfinite(obj), indent=1, allow_nan=False, sort_keys=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         if hasattr(os, "fchmod"):  # POSIX only
             os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.write("\n")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
