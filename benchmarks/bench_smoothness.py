@@ -7,8 +7,9 @@
    running max where it stopped.
 2. ``--vmap``: one Hessian-vector product at each of S weight samples, a Python loop
    against ``torch.func.stack_module_state`` + ``vmap`` (forward-over-reverse in both),
-   on a model without BatchNorm (BatchNorm with batch statistics under vmap is a known
-   torch.func limitation). Interleaved repetitions, medians, ratio.
+   on a model without BatchNorm. Interleaved repetitions, medians, ratio. (BatchNorm in
+   training-loss mode works under vmap too; ``bench_smoothness_batched.py`` times the
+   whole K_hat loop with stacked samples, ``estimate_smoothness(sample_batch=G)``.)
 
     .venv/bin/python benchmarks/bench_smoothness.py                 # fc3x100, 1,000 images
     .venv/bin/python benchmarks/bench_smoothness.py --vmap --skip-khat

@@ -21,6 +21,12 @@ Extreme eigenvalues come from :func:`lanczos` (full reorthogonalisation, a-poste
 error bound) or :func:`power_iteration`, both pure functions of a matvec. The spectral
 norm counts negative curvature: ``||H||_2 = max(|lambda_max|, |lambda_min|)``.
 
+Several weight samples of one architecture can be handled at once:
+:class:`StackedHessianOperator` stacks their weights and takes ``(H_1 v_1; ..; H_S v_S)``
+with one vmapped product, :func:`lanczos_batched` runs one Lanczos per sample in lockstep
+(the iteration and stopping rule of :func:`lanczos`), and :func:`hessian_spectral_norms`
+is :func:`hessian_spectral_norm` for a list of models on top of both.
+
 The curvature is that of the loss *as training computes it*: BatchNorm uses batch
 statistics (train mode) and never updates its running statistics here; Dropout is
 switched off (its expectation), since a random operator has no eigenvalues. The model's
@@ -30,6 +36,7 @@ parameters, buffers and train/eval flags are left exactly as they were.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -38,11 +45,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Matvec = Callable[[Tensor], Tensor]
+StackedMatvec = Callable[[Tensor, list[int]], Tensor]
 
 HVP_MODES = ("auto", "forward", "reverse")
 METHODS = ("lanczos", "power")
@@ -218,71 +226,175 @@ def lanczos(
         (3.0, -5.0, 5.0)
     """
     _check_solver_args(v0, max_iters, tol)
-    if target not in TARGETS:
-        raise ValueError(f"target={target!r} is not one of {TARGETS}")
-    dim = v0.numel()
-    max_iters = min(max_iters, dim)
-    basis = torch.empty(min(max_iters, 16), dim, dtype=v0.dtype, device=v0.device)
-    basis[0] = v0 / v0.norm()
-    alphas: list[float] = []
-    betas: list[float] = []
-    theta = torch.zeros(1, dtype=torch.float64)
-    s = torch.ones(1, 1, dtype=torch.float64)
-    error = math.inf
+    run = _LanczosRun(v0, max_iters=max_iters, tol=tol, target=target)
+    while not run.step(_checked_product(matvec, run.vector)):
+        pass
+    return run.result(return_vectors=return_vectors)
 
-    def result(num: int, converged: bool) -> EigenResult:
-        vectors: tuple[Tensor | None, Tensor | None] = (None, None)
-        if return_vectors:
-            coeffs = s.to(basis.dtype)
-            ends = basis[:num].T @ coeffs[:num, [-1, 0]]
-            ends = ends / ends.norm(dim=0)
-            vectors = (ends[:, 0], ends[:, 1])
-        return EigenResult(float(theta[-1]), float(theta[0]), num, converged, error, *vectors)
 
-    for k in range(max_iters):
+class _LanczosRun:
+    """One run of :func:`lanczos` as a state machine, so that runs can share products.
+
+    ``vector`` is the next Lanczos vector ``q_k``; ``step(A q_k)`` does one iteration
+    (full reorthogonalisation, Ritz values of ``T_k``, the stopping rule of
+    :func:`lanczos`) and returns True once the run has stopped; ``result()`` then gives
+    its :class:`EigenResult`. :func:`lanczos` and :func:`lanczos_batched` both drive it,
+    so a batched run is the same iteration as a single one.
+    """
+
+    def __init__(self, v0: Tensor, *, max_iters: int, tol: float, target: str) -> None:
+        if target not in TARGETS:
+            raise ValueError(f"target={target!r} is not one of {TARGETS}")
+        self.dim = v0.numel()
+        self.max_iters = min(max_iters, self.dim)
+        self.tol, self.target = tol, target
+        self.basis = torch.empty(
+            min(self.max_iters, 16), self.dim, dtype=v0.dtype, device=v0.device
+        )
+        self.basis[0] = v0 / v0.norm()
+        self.alphas: list[float] = []
+        self.betas: list[float] = []
+        self.theta = torch.zeros(1, dtype=torch.float64)
+        self.s = torch.ones(1, 1, dtype=torch.float64)
+        self.error = math.inf
+        self.k = 0
+        self.stopped: tuple[int, bool] | None = None  # (num_matvecs, converged) once done
+
+    @property
+    def vector(self) -> Tensor:
+        """The vector ``q_k`` whose product the next :meth:`step` expects."""
+        return self.basis[self.k]
+
+    def step(self, w: Tensor) -> bool:
+        """One Lanczos iteration with ``w = A q_k``; True when the run has stopped."""
+        if self.stopped is not None:
+            raise RuntimeError("this Lanczos run has already stopped")
+        k, basis = self.k, self.basis
         q = basis[k]
-        w = _checked_product(matvec, q)
         alpha = float(torch.dot(q.double(), w.double()))
-        alphas.append(alpha)
+        self.alphas.append(alpha)
         # Full reorthogonalisation, twice ("twice is enough"): keeps Ritz values from
         # ghosting, cheap next to a Hessian-vector product.
         active = basis[: k + 1]
         for _ in range(2):
             w = w - active.T @ (active @ w)
         beta = float(w.norm())
-        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        t = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
         if k > 0:
-            off = torch.tensor(betas, dtype=torch.float64)
+            off = torch.tensor(self.betas, dtype=torch.float64)
             t = t + torch.diag(off, 1) + torch.diag(off, -1)
         theta, s = torch.linalg.eigh(t)
+        self.theta, self.s = theta, s
         scale = max(abs(float(theta[0])), abs(float(theta[-1])))
         residual = beta * s[-1].abs()
         error_min, error_max = _ritz_error(theta, residual, 0), _ritz_error(theta, residual, -1)
-        if target == "norm":
+        if self.target == "norm":
             top, low = abs(float(theta[-1])), abs(float(theta[0]))
             # Ritz values lie inside the spectrum, so the dominant |theta| is a lower bound
             # of the norm; the other end can only matter if it may overtake it.
             if top >= low:
-                error = max(error_max, low + error_min - top)
+                self.error = max(error_max, low + error_min - top)
             else:
-                error = max(error_min, top + error_max - low)
+                self.error = max(error_min, top + error_max - low)
         else:
-            error = max(error_min, error_max)
+            self.error = max(error_min, error_max)
         num = k + 1
-        breakdown = beta <= 1e-10 * max(scale, 1e-300) or num == dim
-        if breakdown or (num >= 2 and error <= tol * scale) or (scale == 0.0 and beta == 0.0):
-            return result(num, True)
-        if num == max_iters:
-            break
+        breakdown = beta <= 1e-10 * max(scale, 1e-300) or num == self.dim
+        tol = self.tol
+        if breakdown or (num >= 2 and self.error <= tol * scale) or (scale == 0.0 and beta == 0.0):
+            self.stopped = (num, True)
+            return True
+        if num == self.max_iters:
+            self.stopped = (self.max_iters, False)
+            return True
         if num >= basis.shape[0]:
             grown = torch.empty(
-                min(2 * basis.shape[0], max_iters), dim, dtype=v0.dtype, device=v0.device
+                min(2 * basis.shape[0], self.max_iters),
+                self.dim,
+                dtype=basis.dtype,
+                device=basis.device,
             )
             grown[:num] = basis[:num]
-            basis = grown
+            self.basis = basis = grown
         basis[num] = w / beta
-        betas.append(beta)
-    return result(max_iters, False)
+        self.betas.append(beta)
+        self.k = num
+        return False
+
+    def result(self, *, return_vectors: bool = False) -> EigenResult:
+        """The :class:`EigenResult` of a stopped run."""
+        if self.stopped is None:
+            raise RuntimeError("this Lanczos run has not stopped yet")
+        num, converged = self.stopped
+        theta = self.theta
+        vectors: tuple[Tensor | None, Tensor | None] = (None, None)
+        if return_vectors:
+            coeffs = self.s.to(self.basis.dtype)
+            ends = self.basis[:num].T @ coeffs[:num, [-1, 0]]
+            ends = ends / ends.norm(dim=0)
+            vectors = (ends[:, 0], ends[:, 1])
+        return EigenResult(float(theta[-1]), float(theta[0]), num, converged, self.error, *vectors)
+
+
+def lanczos_batched(
+    matvec: StackedMatvec,
+    v0: Tensor,
+    *,
+    max_iters: int = 100,
+    tol: float = 1e-4,
+    target: str = "both",
+) -> list[EigenResult]:
+    """:func:`lanczos` on S symmetric operators ``A_1..A_S`` at once, in lockstep.
+
+    Every operator gets exactly the iteration of :func:`lanczos` (full
+    reorthogonalisation, its own tridiagonal ``T_k^(s)``, its own Ritz error bound and
+    stopping rule for ``target``), but the products of all runs still going are asked
+    for together, ``matvec(Q, index)`` with ``Q[i] = q_k^(index[i])``, so the caller can
+    evaluate them as one batched product. A run that has stopped is not asked again:
+    ``index`` lists only the active operators, so the caller decides whether finished
+    ones cost compute (see :class:`StackedHessianOperator`).
+
+    Args:
+        matvec: ``(Q, index) -> R`` with ``R[i] = A_{index[i]} Q[i]``; ``Q`` has shape
+            ``(len(index), dim)``, ``index`` is an increasing list of operator numbers.
+        v0: Start vectors, shape ``(S, dim)``; row s starts operator s.
+        max_iters: Maximum number of products per operator.
+        tol: Relative tolerance (as in :func:`lanczos`).
+        target: ``"both"`` or ``"norm"`` (as in :func:`lanczos`).
+
+    Returns:
+        One :class:`EigenResult` per operator, in order; each equals what
+        :func:`lanczos` returns on that operator from that start vector, up to the
+        rounding of the batched product.
+
+    Raises:
+        ValueError: For bad arguments, a product of the wrong shape or a non-finite one.
+
+    Example:
+        >>> a = torch.stack([torch.diag(torch.tensor(d, dtype=torch.float64))
+        ...                  for d in ([3.0, -5.0, 1.0], [2.0, 1.0, 0.5])])
+        >>> res = lanczos_batched(lambda q, idx: torch.einsum("sij,sj->si", a[idx], q),
+        ...                       torch.ones(2, 3, dtype=torch.float64))
+        >>> [round(r.spectral_norm, 6) for r in res]
+        [5.0, 2.0]
+    """
+    if v0.ndim != 2 or v0.shape[0] == 0:
+        raise ValueError(f"v0 must be a non-empty (S, dim) tensor, got {tuple(v0.shape)}")
+    for row in v0:
+        _check_solver_args(row, max_iters, tol)
+    runs = [_LanczosRun(row, max_iters=max_iters, tol=tol, target=target) for row in v0]
+    active = list(range(len(runs)))
+    while active:
+        block = torch.stack([runs[s].vector for s in active])
+        products = matvec(block, active)
+        if products.shape != block.shape:
+            raise ValueError(
+                f"matvec returned shape {tuple(products.shape)} for input {tuple(block.shape)}"
+            )
+        for row, w in zip(block, products, strict=True):
+            _checked_product(lambda _, w=w: w, row)
+        active = [s for s, w in zip(active, products, strict=True) if not runs[s].step(w)]
+    return [run.result() for run in runs]
 
 
 def _ritz_error(theta: Tensor, residual: Tensor, i: int) -> float:
@@ -563,6 +675,266 @@ class HessianOperator:
         return "reverse" if need <= budget else "forward"
 
 
+class StackedHessianOperator:
+    """The Hessians ``H_1..H_S`` of one loss at S weight samples of one architecture.
+
+    ``H_s`` is the Hessian of :class:`HessianOperator`'s loss at the weights ``w_s`` of
+    sample s, ``L(w) = sum_b (n_b / N) loss_fn(model(x_b; w), y_b)``, in training-loss
+    mode. The S parameter sets are stacked along a new leading dimension (what
+    :func:`torch.func.stack_module_state` does) and one :func:`~torch.func.vmap`-ed
+    :func:`~torch.func.functional_call` of a stateless copy of the architecture evaluates
+    all S losses at once. The S losses are independent, so the Hessian of
+    ``sum_s L(w_s)`` with respect to the stacked weights ``W`` is block-diagonal with
+    blocks ``H_s``, and one Hessian-vector product of that sum with the stacked tangent
+    ``V = (v_1; ..; v_S)`` is ``(H_1 v_1; ..; H_S v_S)``:
+
+    * ``"forward"``: ``jvp(grad(sum_s L(w_s)), W, V)``, batch by batch;
+    * ``"reverse"``: ``vjp(grad(sum_s L(w_s)), W)`` built once and reused.
+
+    BatchNorm: the stateless copy is taken inside :func:`training_loss_mode` (train mode,
+    ``track_running_stats=False``: batch statistics per sample, no buffer writes; Dropout
+    off), a form vmap handles; the tests check it against :class:`HessianOperator` on
+    BatchNorm models to ~1e-15 in float64.
+
+    Vectors are ``(S, dim)`` matrices; row s is a flat vector of sample s in the order of
+    :class:`HessianOperator` (trainable parameters in ``named_parameters()`` order).
+    Build one with :meth:`from_models`.
+
+    Args:
+        base: Stateless template of the architecture in training-loss mode (its own
+            tensors are never read; :meth:`from_models` puts it on the meta device).
+        params: Stacked trainable parameters, name -> ``(S, *shape)``.
+        constants: Stacked buffers and frozen parameters, name -> ``(S, *shape)``.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
+        batches: List of ``(inputs, targets)`` pairs on the parameters' device.
+        hvp_mode: ``"forward"`` or ``"reverse"``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        params: dict[str, Tensor],
+        constants: dict[str, Tensor],
+        loss_fn: LossFn,
+        batches: list[Batch],
+        *,
+        hvp_mode: str,
+    ) -> None:
+        if hvp_mode not in ("forward", "reverse"):
+            raise ValueError(f"hvp_mode={hvp_mode!r} must be 'forward' or 'reverse' here")
+        if not params:
+            raise ValueError("the models have no parameters that require grad")
+        self.base, self.params, self.constants = base, params, constants
+        self.loss_fn, self.batches, self.hvp_mode = loss_fn, batches, hvp_mode
+        total = sum(len(x) for x, _ in batches)
+        self.weights = [len(x) / total for x, _ in batches]
+        first = next(iter(params.values()))
+        self.num_models = first.shape[0]
+        self.shapes = [p.shape[1:] for p in params.values()]
+        self.numels = [math.prod(s) for s in self.shapes]
+        self.dim = sum(self.numels)
+        self.dtype, self.device = first.dtype, first.device
+        self.num_products = 0  # stacked products (each is num_models Hessian-vector ones)
+        self._reverse_fn: Callable | None = None
+
+    @classmethod
+    def from_models(
+        cls,
+        models: Sequence[nn.Module],
+        loss_fn: LossFn,
+        batches: list[Batch],
+        *,
+        hvp_mode: str = "auto",
+        memory_fraction: float = 0.25,
+    ) -> StackedHessianOperator:
+        """Stack S models of one architecture (their current weights are the points).
+
+        The models are not modified. ``"auto"`` picks ``"reverse"`` when S times the
+        graph :class:`HessianOperator` estimates for one model fits ``memory_fraction``
+        of free memory.
+
+        Raises:
+            ValueError: No models, or models that differ in parameter/buffer names,
+                shapes, dtypes or which parameters require grad.
+        """
+        if hvp_mode not in HVP_MODES:
+            raise ValueError(f"hvp_mode={hvp_mode!r} is not one of {HVP_MODES}")
+        if not models:
+            raise ValueError("models is empty; pass at least one model")
+        signatures = [_state_signature(m) for m in models]
+        if any(sig != signatures[0] for sig in signatures[1:]):
+            raise ValueError(
+                "the models must share one architecture (same parameter and buffer names, "
+                "shapes, dtypes and requires_grad) to be stacked"
+            )
+        trainable = [n for n, p in models[0].named_parameters() if p.requires_grad]
+        named = [{**dict(m.named_parameters()), **dict(m.named_buffers())} for m in models]
+        stacked = {name: torch.stack([d[name].detach() for d in named]) for name in named[0]}
+        params = {name: stacked.pop(name) for name in trainable}
+        with training_loss_mode(models[0]):
+            if hvp_mode == "auto":
+                hvp_mode = HessianOperator(
+                    models[0], loss_fn, batches, memory_fraction=memory_fraction / len(models)
+                ).hvp_mode
+            base = copy.deepcopy(models[0])  # keeps the training-loss-mode flags
+        return cls(base.to("meta"), params, stacked, loss_fn, batches, hvp_mode=hvp_mode)
+
+    def subset(self, index: Sequence[int]) -> StackedHessianOperator:
+        """The operator of the samples ``index`` only (a new stack, no graph)."""
+        rows = torch.as_tensor(list(index), dtype=torch.long, device=self.device)
+        return StackedHessianOperator(
+            self.base,
+            {k: v.index_select(0, rows) for k, v in self.params.items()},
+            {k: v.index_select(0, rows) for k, v in self.constants.items()},
+            self.loss_fn,
+            self.batches,
+            hvp_mode=self.hvp_mode,
+        )
+
+    # -- the loss -----------------------------------------------------------------------
+    def _sample_batch_loss(
+        self, params: dict[str, Tensor], constants: dict[str, Tensor], x: Tensor, y: Tensor
+    ) -> Tensor:
+        return self.loss_fn(functional_call(self.base, (params, constants), (x,)), y)
+
+    def _stacked_batch_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """``sum_s loss_fn(model(x; w_s), y)`` for one batch."""
+        per_sample = vmap(self._sample_batch_loss, in_dims=(0, 0, None, None))
+        return per_sample(params, self.constants, x, y).sum()
+
+    def _stacked_total(self, params: dict[str, Tensor]) -> Tensor:
+        """``sum_s L(w_s)``."""
+        total = None
+        for w, (x, y) in zip(self.weights, self.batches, strict=True):
+            term = w * self._stacked_batch_loss(params, x, y)
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def losses(self) -> list[float]:
+        """``L(w_s)`` for every sample; validates targets and finiteness.
+
+        Raises:
+            ValueError: For labels outside the class range, a non-scalar or a non-finite
+                loss.
+        """
+        out = []
+        with torch.no_grad():
+            for s in range(self.num_models):
+                params = {k: v[s] for k, v in self.params.items()}
+                constants = {k: v[s] for k, v in self.constants.items()}
+                total = 0.0
+                for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
+                    outputs = functional_call(self.base, (params, constants), (x,))
+                    _check_targets(outputs, y, i)
+                    value = self.loss_fn(outputs, y)
+                    if value.ndim != 0:
+                        raise ValueError(
+                            f"loss_fn must return a scalar (mean over the batch), got shape "
+                            f"{tuple(value.shape)}; use reduction='mean'"
+                        )
+                    total += w * float(value)
+                if not math.isfinite(total):
+                    raise ValueError(
+                        f"the loss at the weights of stacked sample {s} is not finite "
+                        f"(loss={total})"
+                    )
+                out.append(total)
+        return out
+
+    # -- vectors --------------------------------------------------------------------------
+    def unflatten(self, vectors: Tensor) -> dict[str, Tensor]:
+        """Split ``(S, dim)`` rows into a dict of ``(S, *shape)`` tensors."""
+        chunks = vectors.split(self.numels, dim=1)
+        return {
+            name: c.reshape(self.num_models, *shape)
+            for name, c, shape in zip(self.params, chunks, self.shapes, strict=True)
+        }
+
+    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
+        """Concatenate ``(S, *shape)`` tensors into ``(S, dim)`` rows."""
+        return torch.cat([t.reshape(self.num_models, -1) for t in tensors.values()], dim=1)
+
+    # -- Hessian-vector products ------------------------------------------------------------
+    def matvec(self, vectors: Tensor) -> Tensor:
+        """``(H_1 v_1; ..; H_S v_S)`` for ``(S, dim)`` rows ``v_s`` (one stacked product)."""
+        if vectors.shape != (self.num_models, self.dim):
+            raise ValueError(
+                f"expected vectors of shape {(self.num_models, self.dim)}, "
+                f"got {tuple(vectors.shape)}"
+            )
+        self.num_products += 1
+        tangent = self.unflatten(vectors.to(self.dtype))
+        if self.hvp_mode == "reverse":
+            if self._reverse_fn is None:
+                _, self._reverse_fn = vjp(grad(self._stacked_total), self.params)
+            return self.flatten(self._reverse_fn(tangent)[0])
+        out = None
+        for w, (x, y) in zip(self.weights, self.batches, strict=True):
+
+            def batch_grad(p: dict[str, Tensor], x: Tensor = x, y: Tensor = y) -> dict:
+                return grad(self._stacked_batch_loss)(p, x, y)
+
+            _, hv = jvp(batch_grad, (self.params,), (tangent,))
+            hv_flat = self.flatten(hv)
+            out = w * hv_flat if out is None else out + w * hv_flat
+        assert out is not None
+        return out
+
+    __call__ = matvec
+
+    def release(self) -> None:
+        """Free the reusable graph of ``"reverse"`` mode."""
+        self._reverse_fn = None
+
+
+def _state_signature(model: nn.Module) -> list[tuple]:
+    """Names, shapes, dtypes and requires_grad of a model's parameters and buffers."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"expected a torch.nn.Module, got {type(model)}")
+    params = [(n, p.shape, p.dtype, p.requires_grad) for n, p in model.named_parameters()]
+    buffers = [(n, b.shape, b.dtype) for n, b in model.named_buffers()]
+    return params + buffers
+
+
+class _ActiveProducts:
+    """The ``matvec(Q, index)`` of :func:`lanczos_batched` on a stacked operator.
+
+    Finished samples stop costing compute in ``"forward"`` mode: each product is taken on
+    a stack of the active samples only (re-stacking costs a copy of their weights, no
+    graph). In ``"reverse"`` mode re-stacking means rebuilding the gradient graph (about
+    a product's cost), so finished samples are masked (a zero row, computed and thrown
+    away) until the active ones are at most half the stack, and only then re-stacked:
+    at most ``log2(S)`` rebuilds and at most half the work wasted.
+    """
+
+    def __init__(self, op: StackedHessianOperator) -> None:
+        self.full = op
+        self.op = op
+        self.members = list(range(op.num_models))
+        self.row_products = 0  # Hessian-vector products computed, masked rows included
+
+    def __call__(self, block: Tensor, index: list[int]) -> Tensor:
+        if index != self.members:
+            shrink = self.op.hvp_mode == "forward" or 2 * len(index) <= len(self.members)
+            if shrink:
+                self.op.release()
+                self.op = self.full.subset(index)
+                self.members = list(index)
+        self.row_products += len(self.members)
+        if index == self.members:
+            return self.op.matvec(block)
+        position = {s: i for i, s in enumerate(self.members)}
+        rows = torch.tensor([position[s] for s in index], device=block.device)
+        padded = block.new_zeros(len(self.members), block.shape[1])
+        padded[rows] = block
+        return self.op.matvec(padded)[rows]
+
+    def release(self) -> None:
+        self.op.release()
+        self.full.release()
+
+
 # --------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------
@@ -731,6 +1103,89 @@ def hessian_spectral_norm(
         seconds=time.perf_counter() - start,
         subsample_hvps=subsample_hvps,
     )
+
+
+def hessian_spectral_norms(
+    models: Sequence[nn.Module],
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    *,
+    tol: float = 1e-4,
+    max_iters: int = 100,
+    generators: Sequence[torch.Generator | None] | None = None,
+    hvp_mode: str = "auto",
+    target: str = "both",
+) -> list[SpectralNormResult]:
+    """:func:`hessian_spectral_norm` (Lanczos) of S models of one architecture at once.
+
+    ``||H_s||_2 = max(|lambda_max(H_s)|, |lambda_min(H_s)|)`` for the Hessian ``H_s`` of the
+    full-data loss at the weights of ``models[s]``. The weights are stacked
+    (:class:`StackedHessianOperator`) and :func:`lanczos_batched` runs one Lanczos per
+    model in lockstep, each with the start vector, stopping rule and product count that
+    :func:`hessian_spectral_norm` (``method="lanczos"``, no ``subsample``) would use with
+    ``generator=generators[s]``; results agree with it to the solver tolerance (the
+    batched product rounds differently). Finished models stop costing products in
+    ``"forward"`` mode and are masked until half the stack is done in ``"reverse"``
+    mode (see ``_ActiveProducts``).
+
+    Args:
+        models: The networks, one architecture (same parameter/buffer names and shapes);
+            not modified.
+        loss_fn: Mean-reduced loss ``loss_fn(outputs, targets)``.
+        batches: Iterable of ``(inputs, targets)``; moved to the first model's device.
+        tol: Relative accuracy of each spectral norm.
+        max_iters: Maximum Hessian-vector products per model.
+        generators: One start-vector generator per model, as ``generator`` of
+            :func:`hessian_spectral_norm`; None: all drawn from the global RNG.
+        hvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"``; ``"auto"`` budgets memory
+            for the whole stack.
+        target: ``"both"`` or ``"norm"`` (see :func:`lanczos`).
+
+    Returns:
+        One :class:`SpectralNormResult` per model, in order. ``seconds`` is the wall time
+        of the whole call divided by S (the products are shared).
+
+    Raises:
+        ValueError: Models of different architectures, empty batches, bad labels, a
+            non-finite loss or product, or a bad argument.
+    """
+    _check_common("lanczos", tol, max_iters)
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r} is not one of {TARGETS}")
+    if generators is not None and len(generators) != len(models):
+        raise ValueError(f"got {len(generators)} generators for {len(models)} models")
+    start = time.perf_counter()
+    if not models:
+        raise ValueError("models is empty; pass at least one model")
+    device, _ = _module_device_dtype(models[0])
+    data = materialize_batches(batches, device)
+    op = StackedHessianOperator.from_models(models, loss_fn, data, hvp_mode=hvp_mode)
+    losses = op.losses()
+    gens = list(generators) if generators is not None else [None] * len(models)
+    v0 = torch.stack(
+        [random_unit_vector(op.dim, generator=g, dtype=op.dtype, device=op.device) for g in gens]
+    )
+    products = _ActiveProducts(op)
+    try:
+        results = lanczos_batched(products, v0, max_iters=max_iters, tol=tol, target=target)
+    finally:
+        products.release()
+    seconds = (time.perf_counter() - start) / len(models)
+    return [
+        SpectralNormResult(
+            value=res.spectral_norm,
+            lambda_max=res.lambda_max,
+            lambda_min=res.lambda_min,
+            num_hvps=res.num_matvecs,
+            converged=res.converged,
+            method="lanczos",
+            hvp_mode=op.hvp_mode,
+            loss=loss,
+            error_estimate=res.error_estimate,
+            seconds=seconds,
+        )
+        for res, loss in zip(results, losses, strict=True)
+    ]
 
 
 def subsample_batches(

@@ -14,6 +14,11 @@ Two variants of L:
   batches (what the authors' mini-batch code does); an upper-bound-flavoured estimate of
   the smoothness of the stochastic losses.
 
+Several samples can be evaluated together (``sample_batch``): their weights are stacked
+and one vmapped Hessian-vector product serves all of them
+(:func:`~exactlr.curvature.hessian_spectral_norms`); each sample's value is the one the
+sequential loop gives, to the solver tolerance.
+
 Global RNG state is never changed: each sample's weights are drawn inside
 :func:`torch.random.fork_rng` from a seed taken from ``generator``.
 """
@@ -28,7 +33,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from exactlr.curvature import Batch, LossFn, hessian_spectral_norm, materialize_batches
+from exactlr.curvature import (
+    Batch,
+    LossFn,
+    hessian_spectral_norm,
+    hessian_spectral_norms,
+    materialize_batches,
+)
 
 VARIANTS = ("full", "minibatch")
 
@@ -71,6 +82,8 @@ class SmoothnessEstimate:
         running_max: ``max(samples[:j+1])`` for each j (Theorem 4's sequence).
         stopped_early: True if the adaptive stop ended the loop before ``num_samples``.
         variant: ``"full"`` or ``"minibatch"``.
+        discarded: Samples evaluated in the adaptive stop's last group
+            (``sample_batch > 1``) after the stop, and left out of every other field.
     """
 
     k_hat: float
@@ -79,6 +92,7 @@ class SmoothnessEstimate:
     running_max: list[float] = field(repr=False)
     stopped_early: bool = False
     variant: str = "full"
+    discarded: int = 0
 
     @property
     def num_hvps(self) -> int:
@@ -102,6 +116,75 @@ def _draw_model(make_model: Callable[[], nn.Module], seed: int) -> nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class _Evaluation:
+    """The spectral norm of one weight sample, as a record needs it."""
+
+    value: float
+    lambda_max: float
+    lambda_min: float
+    num_hvps: int
+    converged: bool
+    loss: float
+
+
+def _evaluate_one(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: list[Batch],
+    *,
+    variant: str,
+    seed: int,
+    spectral_kwargs: dict,
+) -> _Evaluation:
+    """``||H(w)||_2`` of one sample (max over batches for ``"minibatch"``)."""
+    groups = [[b] for b in data] if variant == "minibatch" else [data]
+    best = None
+    hvps, converged, loss = 0, True, -math.inf
+    solver_gen = torch.Generator().manual_seed(seed)
+    for group in groups:
+        res = hessian_spectral_norm(model, loss_fn, group, generator=solver_gen, **spectral_kwargs)
+        hvps += res.num_hvps
+        converged = converged and res.converged
+        loss = max(loss, res.loss)
+        if best is None or res.value > best.value:
+            best = res
+    assert best is not None
+    return _Evaluation(best.value, best.lambda_max, best.lambda_min, hvps, converged, loss)
+
+
+#: The keywords of :func:`hessian_spectral_norm` that the batched path honours.
+_BATCHED_KWARGS = ("tol", "max_iters", "hvp_mode", "target")
+
+
+def _evaluate_group(
+    models: list[nn.Module],
+    loss_fn: LossFn,
+    data: list[Batch],
+    *,
+    seeds: list[int],
+    spectral_kwargs: dict,
+) -> list[_Evaluation]:
+    """``||H(w_s)||_2`` of several samples at once (stacked weights, batched Lanczos).
+
+    Each sample's start vector comes from ``Generator().manual_seed(seed_s)``, as in
+    :func:`_evaluate_one`, so the values agree with it to the solver tolerance.
+    """
+    kwargs = {k: v for k, v in spectral_kwargs.items() if k in _BATCHED_KWARGS}
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    results = hessian_spectral_norms(models, loss_fn, data, generators=generators, **kwargs)
+    return [
+        _Evaluation(r.value, r.lambda_max, r.lambda_min, r.num_hvps, r.converged, r.loss)
+        for r in results
+    ]
+
+
+def _can_batch(variant: str, spectral_kwargs: dict) -> bool:
+    """Whether samples can be stacked: full-data Lanczos without a subsample start."""
+    method = spectral_kwargs.get("method", "lanczos")
+    return variant == "full" and method == "lanczos" and spectral_kwargs.get("subsample") is None
+
+
 def estimate_smoothness(
     make_model: Callable[[], nn.Module],
     loss_fn: LossFn,
@@ -114,6 +197,7 @@ def estimate_smoothness(
     rel_tol: float = 0.01,
     device: torch.device | str | None = None,
     progress: bool = False,
+    sample_batch: int = 1,
     **spectral_kwargs: object,
 ) -> SmoothnessEstimate:
     """Algorithm 2: ``K_hat = max_j ||H(w_j)||_2`` over fresh initialisations ``w_j``.
@@ -131,6 +215,19 @@ def estimate_smoothness(
         rel_tol: Relative growth counted as "grown" for the adaptive stop.
         device: Device for the sampled models and the data (default: the model's own).
         progress: Show a tqdm progress bar (if tqdm is installed).
+        sample_batch: Samples evaluated together: groups of this many consecutive
+            samples (same seeds, same order) have their weights stacked and share one
+            vmapped Hessian-vector product per Lanczos step
+            (:func:`~exactlr.curvature.hessian_spectral_norms`); each sample keeps its
+            own start vector and stopping rule, so its value equals the sequential one
+            to the solver tolerance. Records, running max and the adaptive stop are as
+            with 1: the stop is checked sample by sample, in order, after each group;
+            the group's samples after the stopping one (at most ``sample_batch - 1``)
+            were evaluated but are dropped (counted in ``discarded``), so the result is
+            the sequential one. A record's ``seconds`` is its group's wall time divided by
+            the group size. Only ``variant="full"`` with ``method="lanczos"`` and no
+            ``subsample`` is batched; otherwise the samples are evaluated one by one (as
+            with 1). Default 1: one at a time, the original loop.
         **spectral_kwargs: Passed to :func:`~exactlr.curvature.hessian_spectral_norm`
             (``method``, ``tol``, ``max_iters``, ``hvp_mode``, ``subsample``,
             ``subsample_tol``, ``target``). ``target`` defaults to ``"norm"`` here: the
@@ -141,7 +238,8 @@ def estimate_smoothness(
         A :class:`SmoothnessEstimate`.
 
     Raises:
-        ValueError: Bad ``num_samples``, ``variant``, ``patience`` or ``rel_tol``, and
+        ValueError: Bad ``num_samples``, ``variant``, ``patience``, ``rel_tol`` or
+            ``sample_batch``, models of different architectures in one group, and
             whatever :func:`hessian_spectral_norm` rejects (empty batches, bad labels).
 
     Example:
@@ -160,6 +258,8 @@ def estimate_smoothness(
         raise ValueError(f"patience must be None or a positive integer, got {patience=}")
     if not (rel_tol >= 0 and math.isfinite(rel_tol)):
         raise ValueError(f"rel_tol must be a non-negative finite number, got {rel_tol=}")
+    if not isinstance(sample_batch, int) or isinstance(sample_batch, bool) or sample_batch < 1:
+        raise ValueError(f"sample_batch must be a positive integer, got {sample_batch=}")
     allowed = {"method", "tol", "max_iters", "hvp_mode", "subsample", "subsample_tol", "target"}
     unknown = set(spectral_kwargs) - allowed
     if unknown:
@@ -168,6 +268,7 @@ def estimate_smoothness(
     # smaller end of the spectrum loose (5-6x fewer products when lambda_max dominates).
     if spectral_kwargs.get("method", "lanczos") == "lanczos":
         spectral_kwargs.setdefault("target", "norm")
+    group_size = sample_batch if _can_batch(variant, spectral_kwargs) else 1
     data = materialize_batches(batches, torch.device(device) if device is not None else None)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
@@ -186,50 +287,60 @@ def estimate_smoothness(
     running: list[float] = []
     since_growth = 0
     stopped_early = False
+    discarded = 0
     try:
-        for index, seed in enumerate(seeds):
+        for first in range(0, num_samples, group_size):
+            chunk = seeds[first : first + group_size]
             start = time.perf_counter()
-            model = _draw_model(make_model, seed)
-            if device is not None:
-                model = model.to(device)
-            groups = [[b] for b in data] if variant == "minibatch" else [data]
-            best = None
-            hvps, converged, loss = 0, True, -math.inf
-            solver_gen = torch.Generator().manual_seed(seed)
-            for group in groups:
-                res = hessian_spectral_norm(
-                    model, loss_fn, group, generator=solver_gen, **spectral_kwargs
+            models = []
+            for seed in chunk:
+                model = _draw_model(make_model, seed)
+                models.append(model.to(device) if device is not None else model)
+            if len(chunk) > 1:
+                evaluations = _evaluate_group(
+                    models, loss_fn, data, seeds=chunk, spectral_kwargs=spectral_kwargs
                 )
-                hvps += res.num_hvps
-                converged = converged and res.converged
-                loss = max(loss, res.loss)
-                if best is None or res.value > best.value:
-                    best = res
-            assert best is not None
-            records.append(
-                SampleRecord(
-                    index=index,
-                    value=best.value,
-                    lambda_max=best.lambda_max,
-                    lambda_min=best.lambda_min,
-                    num_hvps=hvps,
-                    seconds=time.perf_counter() - start,
-                    converged=converged,
-                    seed=int(seed),
-                    loss=loss,
+            else:
+                evaluations = [
+                    _evaluate_one(
+                        models[0],
+                        loss_fn,
+                        data,
+                        variant=variant,
+                        seed=chunk[0],
+                        spectral_kwargs=spectral_kwargs,
+                    )
+                ]
+            seconds = (time.perf_counter() - start) / len(chunk)
+            for offset, (seed, ev) in enumerate(zip(chunk, evaluations, strict=True)):
+                index = first + offset
+                records.append(
+                    SampleRecord(
+                        index=index,
+                        value=ev.value,
+                        lambda_max=ev.lambda_max,
+                        lambda_min=ev.lambda_min,
+                        num_hvps=ev.num_hvps,
+                        seconds=seconds,
+                        converged=ev.converged,
+                        seed=int(seed),
+                        loss=ev.loss,
+                    )
                 )
-            )
-            previous = running[-1] if running else None
-            running.append(best.value if previous is None else max(previous, best.value))
-            if previous is not None and running[-1] > previous * (1 + rel_tol):
-                since_growth = 0
-            elif previous is not None:
-                since_growth += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(k_hat=f"{running[-1]:.4g}", last=f"{best.value:.4g}")
-            if patience is not None and since_growth >= patience and index + 1 < num_samples:
-                stopped_early = True
+                previous = running[-1] if running else None
+                running.append(ev.value if previous is None else max(previous, ev.value))
+                if previous is not None and running[-1] > previous * (1 + rel_tol):
+                    since_growth = 0
+                elif previous is not None:
+                    since_growth += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(k_hat=f"{running[-1]:.4g}", last=f"{ev.value:.4g}")
+                if patience is not None and since_growth >= patience and index + 1 < num_samples:
+                    stopped_early = True
+                    discarded = len(chunk) - offset - 1
+                    break
+            if stopped_early:
                 break
     finally:
         if bar is not None:
@@ -241,4 +352,5 @@ def estimate_smoothness(
         running_max=running,
         stopped_early=stopped_early,
         variant=variant,
+        discarded=discarded,
     )
