@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -44,8 +45,13 @@ def _model(init: str = "paper") -> torch.nn.Module:
     )
 
 
-def _without_seconds(metrics: list[EpochMetrics]) -> list[EpochMetrics]:
-    return [dataclasses.replace(m, seconds=0.0) for m in metrics]
+def _without_seconds(metrics: list[EpochMetrics]) -> list[dict[str, Any]]:
+    """Metrics as comparable dicts: seconds dropped, NaN (a metric not measured) as None."""
+    rows = [dataclasses.asdict(dataclasses.replace(m, seconds=0.0)) for m in metrics]
+    return [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        for row in rows
+    ]
 
 
 class _Stop(Exception):
@@ -365,8 +371,8 @@ def test_lr_too_large_for_float32_is_divergence_not_a_crash(data: Any) -> None:
 def test_diverging_method_in_a_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = experiments._method_by_name
 
-    def huge(group: str, name: str, ours_lr: float) -> MethodSpec:
-        method = real(group, name, ours_lr)
+    def huge(group: str, name: str, ours_lr: float, finder_lr: float | None = None) -> MethodSpec:
+        method = real(group, name, ours_lr, finder_lr)
         if name == "const_1e-01":  # a huge constant LR overflows the weights
             return dataclasses.replace(method, lr=1e38)
         return method

@@ -60,6 +60,16 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
+def methods_arg(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated method sets (``paper,parameter-free,...``)."""
+    from exactlr.experiments import parse_methods
+
+    try:
+        return parse_methods(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def batch_size_arg(text: str) -> int | None:
     """argparse type: ``full`` (one batch: None) or a positive integer."""
     if text.lower() == "full":
@@ -256,6 +266,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             checkpoint_every=args.checkpoint_every,
             runner=runner,
+            methods=args.methods,
+            curvature_every=args.curvature_every,
         )
         if runner is not None:  # run_figure only submitted the runs; collect them here
             runner.wait()
@@ -271,7 +283,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from exactlr.plotting import plot_figure, plot_smoothness
+    from exactlr.plotting import plot_figure, plot_sharpness, plot_smoothness
 
     _check_figure(args.figure, args.scale)
     out = _out_dir(args.out)
@@ -279,6 +291,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     paths = plot_figure(args.figure, out_dir=out, scale=args.scale)
     with contextlib.suppress(FileNotFoundError):  # runs made elsewhere may lack the cache
         paths += plot_smoothness(args.figure, out_dir=out, scale=args.scale)
+    with contextlib.suppress(FileNotFoundError):  # only runs with --curvature-every
+        paths += plot_sharpness(args.figure, out_dir=out, scale=args.scale)
     for path in paths:
         print(path)
     return 0
@@ -393,6 +407,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="checkpoint each run every N epochs under OUT/checkpoints, so a killed run "
         "resumes mid-run (default: 5 at cpu/paper scale, none at smoke; 0: none)",
+    )
+    run.add_argument(
+        "--methods",
+        type=methods_arg,
+        default=("paper",),
+        metavar="SETS",
+        help="comma-separated method sets: paper (the figure's own methods), "
+        "parameter-free (Prodigy, D-Adaptation Adam, Schedule-Free AdamW; needs "
+        "exactlr[beyond]), lr-finder (LR range test, then Adam at its suggestion), tuned "
+        "(each scheduler at base LRs 1e-1..1e-4, best kept); default: paper",
+    )
+    run.add_argument(
+        "--curvature-every",
+        type=non_negative_int,
+        default=0,
+        metavar="K",
+        help="measure the Hessian spectral norm every K epochs of every run (plotted "
+        "against 2/lr; runs are named ...__curvK); default 0: never",
     )
     run.add_argument(
         "--executor",

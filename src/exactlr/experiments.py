@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FIGURES",
     "GROUPS",
+    "METHOD_SETS",
     "SCALES",
     "FigureSpec",
     "PlannedRun",
@@ -62,6 +63,7 @@ __all__ = [
     "get_figure",
     "list_figures",
     "manifest_path",
+    "parse_methods",
     "resolve_figure",
     "run_figure",
     "state_dict_sha256",
@@ -69,6 +71,15 @@ __all__ = [
 
 SCALES: tuple[str, ...] = ("smoke", "cpu", "paper")
 GROUPS: tuple[str, ...] = ("ours", "schedulers", "constants")
+#: Method sets a figure can include (``exactlr run FIG --methods ...``): "paper" is the
+#: figure's own comparison; the others add the method group of that name (see
+#: :func:`exactlr.schedules.method_specs`).
+METHOD_SETS: dict[str, str | None] = {
+    "paper": None,
+    "parameter-free": "paramfree",
+    "lr-finder": "lr_finder",
+    "tuned": "tuned",
+}
 
 # Seed of the mini-subset draws: the data set is fixed across weight seeds, as in the
 # paper (one mini-MNIST), so that seeds vary only w0 and the K_hat samples.
@@ -446,9 +457,11 @@ class PlannedRun:
         row: Row label (``""`` for figures without variations).
         series: Legend prefix within the row, or None.
         group: Method group the method comes from (``"ours"``, ``"schedulers"``,
-            ``"constants"``).
+            ``"constants"``, ``"paramfree"``, ``"lr_finder"``, ``"tuned"``).
         method: The method's name (as in :func:`exactlr.schedules.method_specs`).
-        role: ``"ours"``, ``"ours_variant"`` (x2, /2), ``"scheduler"`` or ``"constant"``.
+        role: ``"ours"``, ``"ours_variant"`` (x2, /2), ``"scheduler"``, ``"constant"``,
+            ``"paramfree"``, ``"lr_finder"`` or ``"tuned"`` (a scheduler at one base LR
+            of the tuning grid).
         config: The run's :class:`~exactlr.training.TrainConfig`; for methods that depend
             on the ours LR its ``method.lr`` is a placeholder: use :meth:`resolve`.
         lr_key: Key of the ours-LR cache entry this run depends on.
@@ -473,9 +486,10 @@ class PlannedRun:
         """The run's name (also its result file's stem)."""
         return self.config.run_name()
 
-    def resolve(self, ours_lr: float) -> TrainConfig:
-        """The config with the method's LR computed from ``ours_lr``."""
-        method = _method_by_name(self.group, self.method, ours_lr)
+    def resolve(self, ours_lr: float, finder_lr: float | None = None) -> TrainConfig:
+        """The config with the method's LR computed from ``ours_lr`` (or, for the LR
+        finder, set to the range test's ``finder_lr``)."""
+        method = _method_by_name(self.group, self.method, ours_lr, finder_lr)
         return dataclasses.replace(self.config, method=method)
 
     def legend(self, label: str) -> str:
@@ -487,23 +501,51 @@ class PlannedRun:
 _PLACEHOLDER_LR = 0.01
 
 
-def _group_methods(group: str, ours_lr: float) -> list[MethodSpec]:
+def _group_methods(group: str, ours_lr: float, finder_lr: float | None = None) -> list[MethodSpec]:
     from exactlr.schedules import method_specs
 
-    return list(method_specs(group, ours_lr))
+    if group == "lr_finder" and finder_lr is None:
+        finder_lr = _PLACEHOLDER_LR  # planning: run names do not depend on it
+    return list(method_specs(group, ours_lr, finder_lr=finder_lr))
 
 
-def _method_by_name(group: str, name: str, ours_lr: float) -> MethodSpec:
-    for method in _group_methods(group, ours_lr):
+def _method_by_name(
+    group: str, name: str, ours_lr: float, finder_lr: float | None = None
+) -> MethodSpec:
+    if group == "lr_finder" and finder_lr is None:
+        raise ValueError(f"method {name!r} needs the LR range test's suggestion")
+    for method in _group_methods(group, ours_lr, finder_lr):
         if method.name == name:
             return method
     raise ValueError(f"method {name!r} is not in group {group!r}")
 
 
-def _role(method: MethodSpec) -> str:
+def _role(method: MethodSpec, group: str) -> str:
     if method.kind == "ours":
         return "ours" if method.name == "ours" else "ours_variant"
-    return method.kind  # "scheduler" or "constant"
+    if group == "tuned":
+        return "tuned"
+    return method.kind  # "scheduler", "constant", "paramfree" or "lr_finder"
+
+
+def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
+    """Parses ``--methods``: comma-separated names of :data:`METHOD_SETS`.
+
+    Example:
+        >>> parse_methods("paper,parameter-free")
+        ('paper', 'parameter-free')
+
+    Raises:
+        ValueError: An unknown or empty name, naming the valid ones.
+    """
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    valid = ", ".join(METHOD_SETS)
+    if not names or any(not n for n in names):
+        raise ValueError(f"--methods {text!r} is empty or has an empty name; valid: {valid}")
+    for name in names:
+        if name not in METHOD_SETS:
+            raise ValueError(f"unknown method set {name!r} in --methods; valid: {valid}")
+    return tuple(dict.fromkeys(names))
 
 
 def _lr_key(s: _Setting, seed: int) -> str:
@@ -526,6 +568,8 @@ def resolve_figure(
     seed: int = 0,
     data_dir: str | os.PathLike[str] | None = None,
     epochs: int | None = None,
+    methods: Sequence[str] = ("paper",),
+    curvature_every: int = 0,
 ) -> list[PlannedRun]:
     """The runs of figure ``name`` at ``scale``.
 
@@ -538,24 +582,35 @@ def resolve_figure(
         seed: Base seed (weights w0, K_hat samples, batch order).
         data_dir: Data root; at smoke scale, decides between real and synthetic data.
         epochs: Override every run's epoch count (for quick checks of the demo).
+        methods: Method sets (:data:`METHOD_SETS`): "paper" (the figure's own methods),
+            "parameter-free", "lr-finder", "tuned"; each row gets all of them.
+        curvature_every: Measure the Hessian spectral norm every this many epochs in
+            every run (0: never); such runs are named "...__curv{k}".
 
     Returns:
         The planned runs, row by row.
 
     Raises:
-        ValueError: Unknown figure or scale.
+        ValueError: Unknown figure, scale or method set.
     """
     from exactlr.training import TrainConfig
 
     spec = get_figure(name)
     _check_scale(scale)
+    sets = parse_methods(methods)
+    groups: list[str] = []
+    for name_ in sets:
+        extra = METHOD_SETS[name_]
+        groups += list(spec.groups) if extra is None else [extra]
+    if not isinstance(curvature_every, int) or curvature_every < 0:
+        raise ValueError(f"curvature_every={curvature_every!r} must be an integer >= 0")
     plans: list[PlannedRun] = []
     seen: set[str] = set()
     for var in spec.variations or (None,):
         s = _scaled(spec, var, scale, data_dir, epochs)
         run_seed = seed + s.seed_offset
         key = _lr_key(s, run_seed)
-        for group in spec.groups:
+        for group in groups:
             for method in _group_methods(group, _PLACEHOLDER_LR):
                 cfg = TrainConfig(
                     dataset=s.dataset,
@@ -568,6 +623,7 @@ def resolve_figure(
                     init=s.init,
                     eps=s.eps,
                     num_train=s.num_train,
+                    curvature_every=curvature_every,
                 )
                 run_name = cfg.run_name()
                 if run_name in seen:
@@ -581,7 +637,7 @@ def resolve_figure(
                         series=var.series if var is not None else None,
                         group=group,
                         method=method.name,
-                        role=_role(method),
+                        role=_role(method, group),
                         config=cfg,
                         lr_key=key,
                         num_samples=s.num_samples,
@@ -719,6 +775,54 @@ def _compute_ours(
     return entry
 
 
+def _finder_key(lr_key: str) -> str:
+    """The LR finder's cache key: the ours-LR key without horizon and K_hat samples."""
+    return re.sub(r"__k\d+$", "", _smoothness_key(lr_key))
+
+
+def _compute_finder(
+    plan: PlannedRun,
+    model: torch.nn.Module,
+    train: ArrayDataset,
+    out_dir: Path,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The LR range test's suggestion for ``plan``'s setting, cached in
+    ``out_dir/lr_finder/<key>.json`` (it does not depend on the horizon T)."""
+    from exactlr.lrfinder import lr_range_test
+    from exactlr.results import write_json_atomic
+
+    key = _finder_key(plan.lr_key)
+    path = out_dir / "lr_finder" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    cfg = plan.config
+    result = lr_range_test(
+        model,
+        train,
+        batch_size=cfg.batch_size,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        seed=cfg.seed,
+        device=device,
+    )
+    entry = {
+        "key": key,
+        "lr": result.suggestion,
+        "steps": result.steps,
+        "diverged": result.diverged,
+        "gradient_equivalents": result.gradient_equivalents,
+        "seconds": result.seconds,
+        "lrs": result.lrs,
+        "losses": result.losses,
+        "batch_size": cfg.batch_size,
+        "num_train": len(train),
+        "device": str(device),
+    }
+    write_json_atomic(path, entry)
+    return entry
+
+
 def checkpoint_path(out_dir: str | os.PathLike[str], run_name: str) -> Path:
     """``out_dir/checkpoints/<run_name>.pt``: a run's checkpoint while it trains."""
     return Path(out_dir) / "checkpoints" / f"{run_name}.pt"
@@ -753,7 +857,8 @@ def execute_run(
 
     Args:
         plan: The run.
-        ours: The ours-LR cache entry (``lr``, ``k_hat``, ``initial_loss``, ...).
+        ours: The ours-LR cache entry (``lr``, ``k_hat``, ``initial_loss``, ...); for
+            an ``"lr_finder"`` run also ``finder``, the range test's cache entry.
         w0_state: The initial weights shared by all methods of the row.
         train: Training data (already capped to ``num_train``).
         test: Test data.
@@ -769,7 +874,8 @@ def execute_run(
     from exactlr.training import train_run
 
     device = torch.device(device)
-    cfg = plan.resolve(float(ours["lr"]))
+    finder = ours.get("finder") if plan.group == "lr_finder" else None
+    cfg = plan.resolve(float(ours["lr"]), float(finder["lr"]) if finder else None)
     model = _build_w0(cfg)
     model.load_state_dict(w0_state)
     ckpt = checkpoint_path(out_dir, cfg.run_name())
@@ -799,6 +905,10 @@ def execute_run(
         "w0_sha256": state_dict_sha256(w0_state),
         "ours": {k: ours[k] for k in ("key", "lr", "k_hat", "initial_loss", "total_steps")},
     }
+    if finder:
+        extra["finder"] = {
+            k: finder[k] for k in ("key", "lr", "steps", "gradient_equivalents", "seconds")
+        }
     save_result(path, result, extra=extra)
     ckpt.unlink(missing_ok=True)  # only now: a crash before the save resumes from it
     return path
@@ -826,6 +936,32 @@ def _write_manifest(
     from exactlr.results import write_json_atomic
 
     path = manifest_path(out_dir, spec.name, scale)
+    entries = [_manifest_entry(p, out_dir) for p in plans]
+
+    # Keep the runs of earlier calls with other method sets (e.g. `--methods tuned`),
+    # unless this call plans the same method of the same row again. A paper scheduler
+    # planned again only as a point of the tuning grid keeps its paper role.
+    def key(e: dict[str, Any]) -> tuple[Any, ...]:
+        return (e.get("row"), e.get("series"), e.get("method"))
+
+    planned = {key(e): i for i, e in enumerate(entries)}
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8")).get("runs", [])
+        except (json.JSONDecodeError, AttributeError):
+            previous = []  # a corrupt manifest is rewritten from this call's plans
+        for old in previous:
+            if not isinstance(old, dict):
+                continue
+            index = planned.get(key(old))
+            if index is None:
+                entries.append(old)
+            elif entries[index]["group"] == "tuned" and old.get("group") != "tuned":
+                entries[index] = {
+                    **entries[index],
+                    "group": old.get("group"),
+                    "role": old.get("role"),
+                }
     write_json_atomic(
         path,
         {
@@ -838,7 +974,7 @@ def _write_manifest(
             "seed": seed,
             "paper_ours_lr": spec.paper_ours_lr,
             "rows": spec.rows,
-            "runs": [_manifest_entry(p, out_dir) for p in plans],
+            "runs": entries,
         },
     )
     return path
@@ -857,6 +993,8 @@ def run_figure(
     epochs: int | None = None,
     runner: Callable[..., Path] | None = None,
     checkpoint_every: int | None = None,
+    methods: Sequence[str] = ("paper",),
+    curvature_every: int = 0,
 ) -> list[Path]:
     """Runs (or resumes) every run of a figure and writes its manifest.
 
@@ -878,6 +1016,10 @@ def run_figure(
         runner: Replaces :func:`execute_run` (same signature); for tests and executors.
         checkpoint_every: Epochs between a run's checkpoints (``out_dir/checkpoints``);
             None: :func:`default_checkpoint_every` (5 at cpu/paper scale); 0: none.
+        methods: Method sets to run (:data:`METHOD_SETS`, default the paper's own). The
+            manifest keeps the runs of earlier calls with other sets, so that
+            ``--methods tuned`` after a plain run reports both.
+        curvature_every: Hessian spectral norm every this many epochs in every run.
 
     Returns:
         The result file of every run of the figure, in plan order.
@@ -897,7 +1039,15 @@ def run_figure(
     if checkpoint_every is not None and checkpoint_every < 0:
         raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 0 (0: none)")
     spec = get_figure(name)
-    plans = resolve_figure(name, scale, seed=seed, data_dir=data_dir, epochs=epochs)
+    plans = resolve_figure(
+        name,
+        scale,
+        seed=seed,
+        data_dir=data_dir,
+        epochs=epochs,
+        methods=methods,
+        curvature_every=curvature_every,
+    )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -915,6 +1065,7 @@ def run_figure(
     data_cache: dict[tuple[Any, ...], tuple[ArrayDataset, ArrayDataset]] = {}
     w0_cache: dict[tuple[Any, ...], tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
     ours_cache: dict[str, dict[str, Any]] = {}
+    finder_cache: dict[str, dict[str, Any]] = {}
     paths: list[Path] = []
     bar = _progress_bar(len(plans), f"{name} ({scale})", enabled=progress)
     threads = torch.get_num_threads()
@@ -945,9 +1096,17 @@ def run_figure(
                 ours_cache[plan.lr_key] = _compute_ours(
                     plan, model, train, out, torch_device, progress
                 )
+            ours = ours_cache[plan.lr_key]
+            if plan.group == "lr_finder":
+                finder_key = _finder_key(plan.lr_key)
+                if finder_key not in finder_cache:
+                    finder_cache[finder_key] = _compute_finder(
+                        plan, model, train, out, torch_device
+                    )
+                ours = {**ours, "finder": finder_cache[finder_key]}
             run(
                 plan,
-                ours=ours_cache[plan.lr_key],
+                ours=ours,
                 w0_state=state,
                 train=train,
                 test=test,

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 
 from exactlr.report import load_figure_runs
 
-__all__ = ["PANELS", "plot_figure", "plot_smoothness"]
+__all__ = ["PANELS", "plot_figure", "plot_sharpness", "plot_smoothness"]
 
 #: (metric field, y-axis label, log scale) of the three panels.
 PANELS: tuple[tuple[str, str, bool], ...] = (
@@ -60,6 +60,32 @@ def _style(run: dict[str, Any], index: int) -> dict[str, Any]:
     return style
 
 
+def _final_grad(run: dict[str, Any]) -> float:
+    """Final gradient norm for ranking; a diverged or non-finite run ranks last."""
+    values = run["result"]["metrics"]["grad_norm"]
+    last = float(values[-1]) if values else math.inf
+    if run["result"].get("diverged_at") is not None or not math.isfinite(last):
+        return math.inf
+    return last
+
+
+def _plotted_runs(row_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs drawn: every run but the tuning grid, of which only the best tuned
+    scheduler (lowest final gradient norm over all schedulers and base LRs) is drawn."""
+    shown = [r for r in row_runs if r.get("role") != "tuned"]
+    grid = [r for r in row_runs if r.get("role") in ("tuned", "scheduler")]
+    if any(r.get("role") == "tuned" for r in grid):
+        best = min(grid, key=_final_grad)
+        if best.get("role") == "tuned":
+            shown.append({**best, "legend": f"Tuned: {best['legend']}"})
+    return shown
+
+
+def _best_scheduler(row_runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    runs = [r for r in row_runs if r.get("role") in ("scheduler", "tuned")]
+    return min(runs, key=_final_grad) if runs else None
+
+
 def plot_figure(
     name: str,
     *,
@@ -89,7 +115,7 @@ def plot_figure(
     rows = manifest.get("rows") or [""]
     fig, axes = plt.subplots(len(rows), len(PANELS), figsize=(15, 3.9 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
-        row_runs = [run for run in runs if run.get("row", "") == row]
+        row_runs = _plotted_runs([run for run in runs if run.get("row", "") == row])
         for c, (field, ylabel, log) in enumerate(PANELS):
             ax = axes[r][c]
             others = 0
@@ -126,6 +152,67 @@ def plot_figure(
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save_figure(fig, root / "plots", f"{name}-{scale}", formats)
+
+
+def plot_sharpness(
+    name: str, *, out_dir: str | os.PathLike[str], scale: str, formats: tuple[str, ...] = ("png",)
+) -> list[Path]:
+    """Draws the Hessian spectral norm along the trajectory against 2 / lr.
+
+    For ours and the best scheduler of each row (lowest final gradient norm), the
+    measured ``sharpness`` (runs made with ``--curvature-every K``) and the classical
+    stability threshold 2 / lr_t of gradient descent, one panel per row.
+
+    Args:
+        name: Figure name.
+        out_dir: Results root given to ``run_figure``.
+        scale: Scale name.
+        formats: File formats to write.
+
+    Returns:
+        The written files (``out_dir/plots/<name>-<scale>-sharpness.<fmt>``).
+
+    Raises:
+        FileNotFoundError: The figure has not been run, or no run measured sharpness.
+    """
+    root = Path(out_dir)
+    manifest, runs, _ = load_figure_runs(name, out_dir=root, scale=scale)
+
+    def measured(run: dict[str, Any]) -> bool:
+        return any(math.isfinite(v) for v in run["result"]["metrics"].get("sharpness", []))
+
+    runs = [r for r in runs if measured(r)]
+    if not runs:
+        raise FileNotFoundError(
+            f"no run of {name} at scale {scale} in {root} measured the curvature; rerun "
+            f"with `exactlr run {name} --curvature-every K`"
+        )
+    rows = [
+        row for row in (manifest.get("rows") or [""]) if any(r.get("row", "") == row for r in runs)
+    ]
+    fig, axes = plt.subplots(1, len(rows), figsize=(6 * len(rows), 4), squeeze=False)
+    for ax, row in zip(axes[0], rows, strict=True):
+        row_runs = [r for r in runs if r.get("row", "") == row]
+        chosen = [r for r in row_runs if r.get("role") == "ours" and not r.get("series")]
+        best = _best_scheduler(row_runs)
+        if best is not None:
+            chosen.append(best)
+        for index, run in enumerate(chosen):
+            metrics = run["result"]["metrics"]
+            color = "black" if run.get("role") == "ours" else plt.get_cmap("tab10")(index)
+            xs, ys = _series(metrics["sharpness"], metrics["epoch"], True)
+            ax.plot(xs, ys, "o-", color=color, label=f"{run['legend']}: ||H||_2")
+            lrs = [2.0 / v if v and v > 0 else math.nan for v in metrics["lr"]]
+            xs, ys = _series(lrs, metrics["epoch"], True)
+            ax.plot(xs, ys, "--", color=color, label=f"{run['legend']}: 2 / lr")
+        ax.set_yscale("log")
+        ax.set_xlabel("Epochs")
+        ax.set_ylabel("Hessian spectral norm")
+        ax.set_title(row or f"{name} ({scale})", fontsize=9)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save_figure(fig, root / "plots", f"{name}-{scale}-sharpness", formats)
 
 
 def plot_smoothness(

@@ -17,6 +17,21 @@ figure (per variation) and plain verdicts on the paper's claims:
   constant LR 0.1 run (``gn`` = ``grad_norm``, epoch 0 = w0); ``ours_jerks`` is the same
   count for ours. None when the row has no LR 0.1 run.
 
+These verdicts compare the paper's methods only (ours and its variants, the schedulers
+at base LR 0.01, the constant LRs). Methods beyond the paper (``--methods``:
+parameter-free optimizers, the LR finder, tuned schedulers) are listed beside them and
+judged in ``verdicts["beyond"]`` (:func:`beyond_verdicts`): which method reaches the
+lowest final gradient norm, the lowest final loss and the best test accuracy, and at
+what cost. A tuned scheduler is the best of its base LRs (by final gradient norm); its
+runs at the other LRs are its search cost and are listed under ``search_runs``.
+
+Cost (every method entry): ``cost_gradients``, in gradient-equivalents (one = one
+gradient of the training loss over the whole training set; a training epoch costs one),
+split in ``cost_breakdown`` into training, estimation (ours: K_hat, each Hessian-vector
+product counted as ``HVP_GRADIENTS`` gradients) and search (the LR finder's steps, a
+tuned scheduler's other runs); and ``cost_seconds``, measured wall time of the same
+(training seconds include the per-epoch metrics, which every method pays alike).
+
 Example:
     >>> rep = figure_report("fig1", out_dir="results", scale="cpu")  # doctest: +SKIP
     >>> print(format_markdown(rep))  # doctest: +SKIP
@@ -33,7 +48,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "HVP_GRADIENTS",
     "JERK_FACTOR",
+    "beyond_verdicts",
     "count_jerks",
     "figure_report",
     "format_markdown",
@@ -43,6 +60,12 @@ __all__ = [
 
 #: A "jerk": the gradient norm grows by more than this factor from one epoch to the next.
 JERK_FACTOR = 2.0
+#: Declared cost of one Hessian-vector product in gradients (Pearlmutter's trick: one
+#: extra forward-and-backward sweep; measured here 2.5 with BatchNorm's double backward,
+#: see docs/performance.md, so the measured seconds are the column to trust).
+HVP_GRADIENTS = 2.0
+#: Roles of the paper's own methods (the paper's verdicts are over these only).
+PAPER_ROLES = ("ours", "ours_variant", "scheduler", "constant")
 
 
 def _manifest(out_dir: Path, name: str, scale: str) -> dict[str, Any]:
@@ -137,6 +160,11 @@ def _method_entry(run: dict[str, Any]) -> dict[str, Any]:
     grad = [float(v) for v in metrics["grad_norm"]]
     finite = [v for v in grad if math.isfinite(v)]
     cfg = data["config"]
+    gamma = [float(v) for v in metrics.get("gamma_neg_frac", [])[1:]]
+    gamma = [v for v in gamma if math.isfinite(v)]
+    sharp = [float(v) for v in metrics.get("sharpness", [])]
+    sharp = [v for v in sharp if math.isfinite(v)]
+    extra = data.get("extra") or {}
     return {
         "name": run["method"],
         "label": run["label"],
@@ -155,8 +183,116 @@ def _method_entry(run: dict[str, Any]) -> dict[str, Any]:
         "final_test_acc": float(metrics["test_acc"][-1]) if grad else math.nan,
         "diverged_at": data.get("diverged_at"),
         "jerks": count_jerks(grad),
+        "gamma_neg_frac": sum(gamma) / len(gamma) if gamma else None,
+        "max_sharpness": max(sharp) if sharp else None,
+        "scheduler": cfg["method"].get("scheduler"),
+        "training_gradients": float(len(grad) - 1),
+        "training_seconds": float(data.get("seconds", math.nan)),
+        "finder": extra.get("finder"),
         "grad_norm": grad,
     }
+
+
+def _add_costs(methods: list[dict[str, Any]], estimation: dict[str, float]) -> None:
+    """Fills ``cost_breakdown``, ``cost_gradients`` and ``cost_seconds`` in place."""
+    for m in methods:
+        breakdown = {"training": m["training_gradients"], "estimation": 0.0, "search": 0.0}
+        seconds = m["training_seconds"]
+        if m["role"] in ("ours", "ours_variant"):
+            breakdown["estimation"] = estimation.get("gradients", 0.0)
+            seconds += estimation.get("seconds", 0.0)
+        elif m["role"] == "lr_finder" and m.get("finder"):
+            breakdown["search"] = float(m["finder"].get("gradient_equivalents", 0.0))
+            seconds += float(m["finder"].get("seconds", 0.0))
+        m["cost_breakdown"] = breakdown
+        m["cost_gradients"] = sum(breakdown.values())
+        m["cost_seconds"] = seconds
+
+
+def _tuned_entries(methods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One "tuned" entry per scheduler run at several base LRs: its best run (by final
+    gradient norm), costed with all of its runs."""
+    from exactlr.schedules import SCHEDULERS, MethodSpec
+
+    tuned = []
+    for name in SCHEDULERS:
+        runs = [
+            m for m in methods if m["scheduler"] == name and m["role"] in ("scheduler", "tuned")
+        ]
+        if not any(m["role"] == "tuned" for m in runs) or len(runs) < 2:
+            continue
+        best = _best(runs)
+        assert best is not None
+        entry = {k: v for k, v in best.items()}
+        label = MethodSpec(name, "scheduler", 0.01, name).label
+        entry.update(
+            name=f"tuned_{name}",
+            role="tuned_best",
+            label=f"Tuned {label} (base {best['lr']:g}, best of {len(runs)})",
+            legend=f"Tuned {label} (base {best['lr']:g})",
+            searched_lrs=sorted(m["lr"] for m in runs),
+        )
+        others = [m for m in runs if m is not best]
+        entry["cost_breakdown"] = {
+            "training": best["training_gradients"],
+            "estimation": 0.0,
+            "search": sum(m["training_gradients"] for m in others),
+        }
+        entry["cost_gradients"] = sum(entry["cost_breakdown"].values())
+        entry["cost_seconds"] = sum(m["training_seconds"] for m in runs)
+        tuned.append(entry)
+    return tuned
+
+
+def beyond_verdicts(methods: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Which method wins on each criterion, at what cost (all methods of a row).
+
+    Args:
+        methods: Method entries (``final_grad_norm``, ``final_loss``,
+            ``final_test_acc``, ``diverged_at``, ``label``, ``role``, ``cost_gradients``,
+            ``cost_seconds``).
+
+    Returns:
+        For each of ``lowest_final_grad_norm``, ``lowest_final_loss`` and
+        ``best_test_acc``: ``{"label", "role", "value", "cost_gradients",
+        "cost_seconds"}`` of the winner (a diverged run never wins), plus
+        ``ours_rank_grad_norm`` / ``ours_rank_loss`` / ``ours_rank_test_acc`` (1 = best)
+        and ``compared`` (the number of methods).
+    """
+
+    def value(m: dict[str, Any], key: str) -> float:
+        v = m.get(key)
+        if m["diverged_at"] is not None or v is None or not math.isfinite(v):
+            return math.inf
+        return -v if key == "final_test_acc" else v
+
+    out: dict[str, Any] = {"compared": len(methods)}
+    ours = next((m for m in methods if m["role"] == "ours"), None)
+    for name, key in (
+        ("lowest_final_grad_norm", "final_grad_norm"),
+        ("lowest_final_loss", "final_loss"),
+        ("best_test_acc", "final_test_acc"),
+    ):
+        ranked = sorted(methods, key=lambda m, key=key: value(m, key))
+        top = ranked[0] if ranked and math.isfinite(value(ranked[0], key)) else None
+        out[name] = (
+            None
+            if top is None
+            else {
+                "label": top["label"],
+                "role": top["role"],
+                "value": top[key],
+                "cost_gradients": top.get("cost_gradients"),
+                "cost_seconds": top.get("cost_seconds"),
+            }
+        )
+        rank_key = {"final_grad_norm": "grad_norm", "final_loss": "loss"}.get(key, "test_acc")
+        out[f"ours_rank_{rank_key}"] = (
+            1 + sum(value(m, key) < value(ours, key) for m in methods if m is not ours)
+            if ours is not None
+            else None
+        )
+    return out
 
 
 def _effective_final(entry: dict[str, Any]) -> float:
@@ -264,7 +400,14 @@ def _lr_cache(out_dir: Path, key: str | None) -> dict[str, Any]:
     if not path.is_file():
         return {}
     data = json.loads(path.read_text(encoding="utf-8"))
-    return {k: data.get(k) for k in ("lr", "k_hat", "initial_loss", "total_steps", "key")}
+    entry = {k: data.get(k) for k in ("lr", "k_hat", "initial_loss", "total_steps", "key")}
+    records = data.get("records") or []
+    hvps = sum(int(r.get("num_hvps", 0)) for r in records)
+    # K_hat's Hessian-vector products, plus one loss evaluation per sample and L(w0)
+    # (forward passes, about a third of a gradient each).
+    entry["estimation_gradients"] = HVP_GRADIENTS * hvps + (len(records) + 1) / 3
+    entry["estimation_seconds"] = float(data.get("seconds") or 0.0)
+    return entry
 
 
 def figure_report(name: str, *, out_dir: str | os.PathLike[str], scale: str) -> dict[str, Any]:
@@ -296,20 +439,36 @@ def figure_report(name: str, *, out_dir: str | os.PathLike[str], scale: str) -> 
     blocks = []
     for row in rows:
         row_runs = [r for r in runs if r.get("row", "") == row]
-        methods = [_method_entry(r) for r in row_runs]
-        verdicts = row_verdicts(methods)
+        all_methods = [_method_entry(r) for r in row_runs]
+        keys = [r.get("lr_key") for r in row_runs if r.get("role") == "ours"]
+        cache = _lr_cache(root, keys[0] if keys else None)
+        _add_costs(
+            all_methods,
+            {
+                "gradients": cache.get("estimation_gradients", 0.0),
+                "seconds": cache.get("estimation_seconds", 0.0),
+            },
+        )
+        paper_methods = [m for m in all_methods if m["role"] in PAPER_ROLES]
+        extras = [m for m in all_methods if m["role"] in ("paramfree", "lr_finder")]
+        tuned = _tuned_entries(all_methods)
+        search_runs = [m for m in all_methods if m["role"] == "tuned"]
+        methods = paper_methods + extras + tuned
+        verdicts = row_verdicts(paper_methods)
+        if extras or tuned:
+            verdicts["beyond"] = beyond_verdicts(methods)
         series_all_ours = bool(methods) and all(m["role"] == "ours" for m in methods)
         if series_all_ours and len(methods) > 1 and name == "fig5":
             verdicts["larger_batch_lower_final_grad_norm"] = _batch_trend(methods, row_runs)
-        keys = [r.get("lr_key") for r in row_runs if r.get("role") == "ours"]
-        cache = _lr_cache(root, keys[0] if keys else None)
         paper_lrs = [r.get("paper_ours_lr") for r in row_runs if r.get("paper_ours_lr")]
-        for m in methods:
-            del m["grad_norm"]  # used by the verdicts; the plots read it from the files
+        for m in all_methods + tuned:
+            m.pop("grad_norm", None)  # used by the verdicts; the plots read the files
+            m.pop("finder", None)
         blocks.append(
             {
                 "variation": row,
                 "methods": methods,
+                "search_runs": search_runs,
                 "verdicts": verdicts,
                 "ours_lr": cache.get("lr"),
                 "paper_ours_lr": paper_lrs[0] if paper_lrs else manifest.get("paper_ours_lr"),
@@ -388,6 +547,35 @@ def _acc(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _beyond_lines(b: dict[str, Any]) -> list[str]:
+    """Plain words for :func:`beyond_verdicts`."""
+    lines = [f"Beyond the paper ({b['compared']} methods, costs in gradient-equivalents):"]
+    for key, what, fmt in (
+        ("lowest_final_grad_norm", "Lowest final gradient norm", _g),
+        ("lowest_final_loss", "Lowest final loss", _g),
+        ("best_test_acc", "Best test accuracy", _acc),
+    ):
+        win = b.get(key)
+        if win is None:
+            lines.append(f"- {what}: none (every run diverged)")
+            continue
+        lines.append(
+            f"- {what}: {win['label']} ({fmt(win['value'])}; cost {_g(win['cost_gradients'])} "
+            f"gradients, {_g(win['cost_seconds'])} s)"
+        )
+    ranks = [b.get(f"ours_rank_{k}") for k in ("grad_norm", "loss", "test_acc")]
+    if all(r is not None for r in ranks):
+        lines.append(
+            f"- Ours ranks {ranks[0]} (gradient norm), {ranks[1]} (loss) and {ranks[2]} "
+            f"(test accuracy) of {b['compared']}"
+        )
+    return lines
+
+
 def _yes_no(value: bool | None) -> str:
     return "n/a" if value is None else ("yes" if value else "no")
 
@@ -457,6 +645,8 @@ def _verdict_lines(v: dict[str, Any]) -> list[str]:
             f"{label} diverged at epoch {k}" for label, k in zip(diverged, epochs, strict=True)
         ]
     lines.append(f"- Diverged: {', '.join(diverged) if diverged else 'none'}")
+    if v.get("beyond"):
+        lines += ["", *_beyond_lines(v["beyond"])]
     return lines
 
 
@@ -467,9 +657,9 @@ def format_markdown(report: dict[str, Any]) -> str:
         out += [f"Scale `{report['scale']}`: {report['scale_description']}.", ""]
     header = (
         "| Method | LR | final grad norm | min grad norm | final full grad norm "
-        "| final loss | test acc | diverged |"
+        "| final loss | test acc | diverged | cost (grads) | cost (s) | Gamma<0 |"
     )
-    rule = "|---|---|---|---|---|---|---|---|"
+    rule = "|---|---|---|---|---|---|---|---|---|---|---|"
     for block in report["variations"]:
         if block["variation"]:
             out += [f"## {block['variation']}", ""]
@@ -488,7 +678,9 @@ def format_markdown(report: dict[str, Any]) -> str:
             out.append(
                 f"| {m['legend']} | {_g(m['lr'])} | {_g(m['final_grad_norm'])} "
                 f"| {_g(m['min_grad_norm'])} | {_g(m['final_grad_norm_full'])} "
-                f"| {_g(m['final_loss'])} | {_acc(m['final_test_acc'])} | {div} |"
+                f"| {_g(m['final_loss'])} | {_acc(m['final_test_acc'])} | {div} "
+                f"| {_g(m.get('cost_gradients'))} | {_g(m.get('cost_seconds'))} "
+                f"| {_pct(m.get('gamma_neg_frac'))} |"
             )
         out.append("")
         if len(report["variations"]) > 1:
@@ -501,6 +693,12 @@ def format_markdown(report: dict[str, Any]) -> str:
     out.append("")
     out.append(
         "Gradient norms are the paper's (sqrt of the mean squared mini-batch gradient norm "
-        "over the epoch); 'full' is the exact full-data gradient norm at the epoch's end."
+        "over the epoch); 'full' is the exact full-data gradient norm at the epoch's end. "
+        "Cost: gradient-equivalents (one = a gradient over the whole training set; an "
+        f"epoch costs one; a Hessian-vector product counts as {HVP_GRADIENTS:g}) spent on "
+        "training, estimating K_hat (ours) and searching (LR finder, tuning), and the "
+        "measured seconds of the same. Gamma<0: mean fraction of coordinates where the "
+        "paper's Gamma_t = sqrt(v_t)/alpha_t - sqrt(v_t-1)/alpha_t-1 is negative (Adam "
+        "runs only)."
     )
     return "\n".join(out) + "\n"

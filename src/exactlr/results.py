@@ -39,7 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from exactlr.training import METRIC_FIELDS, RunResult, TrainConfig, validate_config
+from exactlr.training import (
+    METRIC_FIELDS,
+    OPTIONAL_METRIC_FIELDS,
+    REQUIRED_METRIC_FIELDS,
+    RunResult,
+    TrainConfig,
+    validate_config,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -247,10 +254,11 @@ def load_result(path: Path | str) -> dict[str, Any]:
     metrics = data["metrics"]
     if not isinstance(metrics, dict):
         raise ValueError(f"{path}: field 'metrics' must be an object of lists")
-    for name in METRIC_FIELDS:
+    for name in REQUIRED_METRIC_FIELDS:
         if name not in metrics:
             raise ValueError(f"{path}: missing metric {name!r} in field 'metrics'")
-        if not isinstance(metrics[name], list):
+    for name in METRIC_FIELDS:
+        if name in metrics and not isinstance(metrics[name], list):
             raise ValueError(f"{path}: metric {name!r} must be a list")
     lengths = {name: len(values) for name, values in metrics.items()}
     if len(set(lengths.values())) > 1:
@@ -259,11 +267,15 @@ def load_result(path: Path | str) -> dict[str, Any]:
         if name in data:
             data[name] = decode_nonfinite(data[name])
     for name in METRIC_FIELDS:
-        for index, value in enumerate(data["metrics"][name]):
+        for index, value in enumerate(data["metrics"].get(name, [])):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{path}: metric {name!r}[{index}] = {value!r} is not a number")
     if not lengths or not next(iter(lengths.values())):
         raise ValueError(f"{path}: field 'metrics' holds no epochs")
+    # Files written before a metric existed: that metric was not measured (NaN).
+    for name in OPTIONAL_METRIC_FIELDS:
+        if name not in data["metrics"]:
+            data["metrics"][name] = [math.nan] * len(data["metrics"]["epoch"])
     diverged_at = data["diverged_at"]
     epochs = data["metrics"]["epoch"]
     if diverged_at is not None and (

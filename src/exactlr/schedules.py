@@ -43,15 +43,22 @@ from torch.optim import lr_scheduler
 __all__ = [
     "CONSTANT_LRS",
     "METHOD_GROUPS",
+    "PARAMFREE_OPTIMIZERS",
     "SCHEDULERS",
     "SCHEDULER_BASE_LR",
+    "TUNED_LRS",
     "MethodSpec",
+    "build_optimizer",
     "build_scheduler",
     "constant_methods",
+    "finder_methods",
     "method_specs",
+    "needs_train_eval",
     "ours_methods",
+    "paramfree_methods",
     "scheduler_methods",
     "step_size_for",
+    "tuned_methods",
 ]
 
 SCHEDULERS: tuple[str, ...] = (
@@ -65,8 +72,26 @@ SCHEDULERS: tuple[str, ...] = (
 )
 CONSTANT_LRS: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 SCHEDULER_BASE_LR = 0.01
-METHOD_GROUPS: tuple[str, ...] = ("schedulers", "constants", "ours")
-KINDS: tuple[str, ...] = ("ours", "constant", "scheduler")
+#: Base LRs searched for the tuned schedulers (issue "beyond the paper").
+TUNED_LRS: tuple[float, ...] = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+METHOD_GROUPS: tuple[str, ...] = (
+    "schedulers",
+    "constants",
+    "ours",
+    "paramfree",
+    "lr_finder",
+    "tuned",
+)
+KINDS: tuple[str, ...] = ("ours", "constant", "scheduler", "paramfree", "lr_finder")
+
+#: Parameter-free optimizers: name -> (legend, PyPI package, published default LR).
+PARAMFREE_OPTIMIZERS: dict[str, tuple[str, str, float]] = {
+    "prodigy": ("Prodigy", "prodigyopt", 1.0),
+    "dadapt_adam": ("D-Adapt Adam", "dadaptation", 1.0),
+    "schedulefree_adamw": ("Schedule-Free AdamW", "schedulefree", 0.0025),
+}
+#: Every optimizer name a method may carry.
+OPTIMIZERS: tuple[str, ...] = ("adam", *PARAMFREE_OPTIMIZERS)
 
 _SCHEDULER_LABELS = {
     "linear": "Linear",
@@ -93,16 +118,24 @@ class MethodSpec:
 
     Attributes:
         name: File-name-safe id: "ours", "ours_x2", "ours_half", "const_1e-01" ..
-            "const_1e-05", or a scheduler name from `SCHEDULERS`.
-        kind: "ours", "constant" or "scheduler".
-        lr: Initial LR (the base LR for schedulers).
+            "const_1e-05", a scheduler name from `SCHEDULERS` (base LR 0.01), a tuned
+            scheduler "<scheduler>_lr<lr:.0e>" (e.g. "cosine_lr3e-03"), a parameter-free
+            optimizer from `PARAMFREE_OPTIMIZERS`, or "lr_finder".
+        kind: "ours", "constant", "scheduler", "paramfree" (a parameter-free optimizer
+            at its published defaults) or "lr_finder" (Adam at the LR range test's
+            suggestion, constant).
+        lr: Initial LR (the base LR for schedulers; the optimizer's own LR argument for
+            parameter-free optimizers).
         scheduler: The scheduler name when `kind == "scheduler"`, else None.
+        optimizer: "adam" (torch.optim.Adam) for every kind but "paramfree", whose
+            optimizer is one of `PARAMFREE_OPTIMIZERS`.
     """
 
     name: str
     kind: str
     lr: float
     scheduler: str | None = None
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -117,21 +150,46 @@ class MethodSpec:
                 f"method {self.name!r} of kind={self.kind!r} cannot have "
                 f"scheduler={self.scheduler!r}"
             )
+        if self.kind == "paramfree" and self.optimizer not in PARAMFREE_OPTIMIZERS:
+            raise ValueError(
+                f"method {self.name!r}: unknown parameter-free optimizer="
+                f"{self.optimizer!r}; valid: {tuple(PARAMFREE_OPTIMIZERS)}"
+            )
+        if self.kind != "paramfree" and self.optimizer != "adam":
+            raise ValueError(
+                f"method {self.name!r} of kind={self.kind!r} uses Adam, not "
+                f"optimizer={self.optimizer!r}"
+            )
 
     @property
     def label(self) -> str:
-        """Legend text, e.g. "Ours (0.045)", "Ours x 2 (0.09)", "LR 0.1", "Cosine"."""
+        """Legend text, e.g. "Ours (0.045)", "Ours x 2 (0.09)", "LR 0.1", "Cosine",
+        "Cosine (base 0.003)", "Prodigy", "LR finder (0.0021)"."""
         if self.kind == "scheduler":
             assert self.scheduler is not None
-            return _SCHEDULER_LABELS[self.scheduler]
+            label = _SCHEDULER_LABELS[self.scheduler]
+            if math.isclose(self.lr, SCHEDULER_BASE_LR, rel_tol=1e-9):
+                return label
+            return f"{label} (base {self.lr:g})"
         if self.kind == "constant":
             return f"LR {self.lr:g}"
+        if self.kind == "paramfree":
+            return PARAMFREE_OPTIMIZERS[self.optimizer][0]
+        if self.kind == "lr_finder":
+            return f"LR finder ({self.lr:.2g})"
         prefix = _OURS_VARIANTS.get(self.name, (1.0, "Ours"))[1]
         return f"{prefix} ({self.lr:.2g})"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form; inverse of `from_dict`."""
-        return asdict(self)
+        """Plain-JSON form; inverse of `from_dict`.
+
+        `optimizer` is left out when it is "adam", so that the configs (and so the
+        result files and checkpoint fingerprints) of Adam runs are unchanged.
+        """
+        data = asdict(self)
+        if data["optimizer"] == "adam":
+            del data["optimizer"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodSpec:
@@ -141,6 +199,7 @@ class MethodSpec:
             kind=str(data["kind"]),
             lr=float(data["lr"]),
             scheduler=data.get("scheduler"),
+            optimizer=str(data.get("optimizer", "adam")),
         )
 
 
@@ -183,19 +242,52 @@ def constant_methods() -> list[MethodSpec]:
     return [MethodSpec(name=f"const_{lr:.0e}", kind="constant", lr=lr) for lr in CONSTANT_LRS]
 
 
-def method_specs(group: str, ours_lr: float) -> list[MethodSpec]:
+def paramfree_methods() -> list[MethodSpec]:
+    """Prodigy, D-Adaptation Adam and Schedule-Free AdamW, each at its published LR."""
+    return [
+        MethodSpec(name=name, kind="paramfree", lr=default_lr, optimizer=name)
+        for name, (_, _, default_lr) in PARAMFREE_OPTIMIZERS.items()
+    ]
+
+
+def finder_methods(finder_lr: float) -> list[MethodSpec]:
+    """Adam at the constant LR suggested by the LR range test."""
+    _check_lr("finder_lr", finder_lr)
+    return [MethodSpec(name="lr_finder", kind="lr_finder", lr=float(finder_lr))]
+
+
+def tuned_methods() -> list[MethodSpec]:
+    """Every scheduler at every base LR of `TUNED_LRS` (7 x 7 runs).
+
+    The base LR 0.01 runs are the paper's schedulers themselves (same name, same result
+    file); the others are named "<scheduler>_lr<lr:.0e>", e.g. "cosine_lr3e-03".
+    """
+    methods = []
+    for name in SCHEDULERS:
+        for lr in TUNED_LRS:
+            paper = math.isclose(lr, SCHEDULER_BASE_LR, rel_tol=1e-9)
+            run_name = name if paper else f"{name}_lr{lr:.0e}"
+            methods.append(MethodSpec(name=run_name, kind="scheduler", lr=lr, scheduler=name))
+    return methods
+
+
+def method_specs(group: str, ours_lr: float, *, finder_lr: float | None = None) -> list[MethodSpec]:
     """The methods a figure compares.
 
     Args:
         group: "schedulers" (ours + the 7 schedulers), "constants" (ours, ours x 2,
-            ours / 2 + the 5 constant LRs) or "ours" (ours only).
+            ours / 2 + the 5 constant LRs), "ours" (ours only), "paramfree" (the three
+            parameter-free optimizers), "lr_finder" (Adam at the range test's LR) or
+            "tuned" (the 7 schedulers x the 7 base LRs of `TUNED_LRS`).
         ours_lr: Our LR alpha.
+        finder_lr: The range test's suggestion (needed for "lr_finder" only; a
+            placeholder is fine for planning, run names do not depend on it).
 
     Returns:
-        The methods, ours first.
+        The methods, ours first where ours is in the group.
 
     Raises:
-        ValueError: Unknown `group`, or a bad `ours_lr`.
+        ValueError: Unknown `group`, or a bad `ours_lr` / `finder_lr`.
     """
     if group == "schedulers":
         return ours_methods(ours_lr) + scheduler_methods()
@@ -203,7 +295,64 @@ def method_specs(group: str, ours_lr: float) -> list[MethodSpec]:
         return ours_methods(ours_lr, variants=True) + constant_methods()
     if group == "ours":
         return ours_methods(ours_lr)
+    if group == "paramfree":
+        return paramfree_methods()
+    if group == "lr_finder":
+        if finder_lr is None:
+            raise ValueError("method group 'lr_finder' needs finder_lr (run the range test)")
+        return finder_methods(finder_lr)
+    if group == "tuned":
+        return tuned_methods()
     raise ValueError(f"unknown method group={group!r}; valid groups: {METHOD_GROUPS}")
+
+
+def _import_optional(package: str, optimizer: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError as err:
+        raise ImportError(
+            f"optimizer {optimizer!r} needs the package {package!r}: pip install 'exactlr[beyond]'"
+        ) from err
+
+
+def build_optimizer(
+    method: MethodSpec,
+    params: list[torch.nn.Parameter],
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """The optimizer of a method: `torch.optim.Adam` or a parameter-free optimizer.
+
+    Adam runs use `torch.optim.Adam(params, lr, betas, eps, weight_decay=0)`. The
+    parameter-free optimizers use their packages' published defaults (no weight decay,
+    no warm-up), with the run's betas and eps (their defaults are Adam's):
+
+    - "prodigy": `prodigyopt.Prodigy(lr=1.0)`;
+    - "dadapt_adam": `dadaptation.DAdaptAdam(lr=1.0)`;
+    - "schedulefree_adamw": `schedulefree.AdamWScheduleFree(lr=0.0025)`. It has two
+      points: call `optimizer.train()` before training steps and `optimizer.eval()`
+      before evaluating (`exactlr.training.train_run` does).
+
+    Raises:
+        ImportError: The optimizer's package is missing (names the extra to install).
+    """
+    if method.optimizer == "adam":
+        return torch.optim.Adam(params, lr=method.lr, betas=betas, eps=eps, weight_decay=0.0)
+    package = PARAMFREE_OPTIMIZERS[method.optimizer][1]
+    module = _import_optional(package, method.optimizer)
+    if method.optimizer == "prodigy":
+        return module.Prodigy(params, lr=method.lr, betas=betas, eps=eps)
+    if method.optimizer == "dadapt_adam":
+        return module.DAdaptAdam(params, lr=method.lr, betas=betas, eps=eps)
+    return module.AdamWScheduleFree(params, lr=method.lr, betas=betas, eps=eps)
+
+
+def needs_train_eval(method: MethodSpec) -> bool:
+    """Whether the method's optimizer has train / eval modes (Schedule-Free)."""
+    return method.optimizer == "schedulefree_adamw"
 
 
 def step_size_for(epochs: int) -> int:

@@ -64,14 +64,19 @@ from torch import Tensor, nn
 
 from exactlr.curvature import training_loss_mode
 from exactlr.data import ArrayDataset, make_batches, validate_labels
-from exactlr.schedules import MethodSpec, build_scheduler
+from exactlr.schedules import MethodSpec, build_optimizer, build_scheduler, needs_train_eval
 
 __all__ = [
     "EVAL_CHUNK",
+    "METRIC_FIELDS",
+    "OPTIONAL_METRIC_FIELDS",
+    "REQUIRED_METRIC_FIELDS",
     "EpochMetrics",
     "RunResult",
     "TrainConfig",
+    "adam_scales",
     "check_dataset",
+    "gamma_negative_fraction",
     "train_run",
     "validate_config",
 ]
@@ -111,13 +116,16 @@ class TrainConfig:
     """Adam's eps (the paper's rho)."""
     num_train: int | None = None
     """Cap on training samples (the first `num_train` are used); None = all of the subset."""
+    curvature_every: int = 0
+    """Measure the Hessian spectral norm of the full training loss every this many epochs
+    (metric `sharpness`, epoch 0 included); 0: never."""
 
     def run_name(self) -> str:
         """Deterministic, file-name-safe name, e.g. "mnist-mini__fc3x1000__ours__seed0".
 
         Suffixes only for non-default settings: "__e{epochs}" (epochs != 100),
         "__b{batch_size}", "__eps{eps:g}" (eps != 1e-8), "__n{num_train}",
-        "__init-{init}" (init != "paper").
+        "__init-{init}" (init != "paper"), "__curv{k}" (curvature_every = k > 0).
         """
         name = f"{self.dataset}-{self.subset}__{self.model}__{self.method.name}__seed{self.seed}"
         if self.epochs != 100:
@@ -130,13 +138,21 @@ class TrainConfig:
             name += f"__n{self.num_train}"
         if self.init != "paper":
             name += f"__init-{self.init}"
+        if self.curvature_every > 0:
+            name += f"__curv{self.curvature_every}"
         return name
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (the method as a dict, betas as a list)."""
+        """Plain-JSON form (the method as a dict, betas as a list).
+
+        `curvature_every` is left out when 0, so that configs written before it existed
+        (and their checkpoint fingerprints) are unchanged.
+        """
         data = asdict(self)
         data["method"] = self.method.to_dict()
         data["betas"] = list(self.betas)
+        if data["curvature_every"] == 0:
+            del data["curvature_every"]
         return data
 
     @classmethod
@@ -180,6 +196,11 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"betas={cfg.betas} must be two values in [0, 1)")
     if cfg.subset not in ("mini", "full"):
         raise ValueError(f"subset={cfg.subset!r} must be 'mini' or 'full'")
+    if not isinstance(cfg.curvature_every, int) or cfg.curvature_every < 0:
+        raise ValueError(
+            f"curvature_every={cfg.curvature_every!r} must be a non-negative integer "
+            "(0: never measure the curvature)"
+        )
 
 
 @dataclass
@@ -205,6 +226,15 @@ class EpochMetrics:
     at epoch 0 the initial LR."""
     seconds: float
     """Cumulative wall time since the start of the run, metrics included."""
+    gamma_neg_frac: float = math.nan
+    """The paper's Gamma_t diagnostic: mean over the epoch's steps t of the fraction of
+    coordinates i where sqrt(v_hat_t,i) / alpha_t < sqrt(v_hat_t-1,i) / alpha_t-1, i.e.
+    where Gamma_t = sqrt(v_t) / alpha_t - sqrt(v_t-1) / alpha_t-1 is negative (v_hat:
+    Adam's bias-corrected second moment, v_hat_0 = 0). NaN at epoch 0 and for
+    optimizers other than Adam."""
+    sharpness: float = math.nan
+    """||Hessian of L(w_e)||_2 = max(|lambda_max|, |lambda_min|) when measured
+    (`TrainConfig.curvature_every`), else NaN."""
 
     def is_finite(self) -> bool:
         """True when no loss or gradient norm is NaN or inf."""
@@ -214,6 +244,12 @@ class EpochMetrics:
 
 #: Names of the per-epoch metric fields, in order.
 METRIC_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EpochMetrics))
+#: Metric fields added after the first result files were written: optional on load.
+OPTIONAL_METRIC_FIELDS: tuple[str, ...] = ("gamma_neg_frac", "sharpness")
+#: Metric fields every result file holds.
+REQUIRED_METRIC_FIELDS: tuple[str, ...] = tuple(
+    name for name in METRIC_FIELDS if name not in OPTIONAL_METRIC_FIELDS
+)
 
 
 @dataclass
@@ -329,6 +365,66 @@ def _full_pass(
                         p.grad.add_(g, alpha=weight)
     totals = _Totals(loss_sum, correct, total)
     return totals, (_grad_sq_norm(params) if with_grad else None), batch_sq
+
+
+def adam_scales(optimizer: torch.optim.Optimizer, lr: float) -> list[Tensor]:
+    """Adam's per-coordinate inverse step scale sqrt(v_hat_t) / alpha_t for every parameter.
+
+    v_hat_t = v_t / (1 - beta2^t) is the bias-corrected second moment (`exp_avg_sq`
+    after t steps) and alpha_t = `lr`, the LR of step t. Parameters without Adam state
+    (no step taken yet) are skipped.
+
+    Args:
+        optimizer: An Adam-type optimizer (state `exp_avg_sq` and `step`).
+        lr: The LR the last step used.
+
+    Returns:
+        One tensor per parameter with state, shaped like the parameter.
+    """
+    scales = []
+    for group in optimizer.param_groups:
+        beta2 = float(group["betas"][1])
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not state or "exp_avg_sq" not in state:
+                continue
+            # `step` is a CPU tensor (or a number) unless Adam is capturable: no sync.
+            steps = float(state["step"])
+            denom = math.sqrt(1.0 - beta2**steps) * lr
+            scales.append(state["exp_avg_sq"].sqrt() / denom)
+    return scales
+
+
+def gamma_negative_fraction(previous: Sequence[Tensor] | None, current: Sequence[Tensor]) -> Tensor:
+    """Fraction of coordinates where Gamma_t = current - previous is negative.
+
+    Gamma_t = sqrt(v_t) / alpha_t - sqrt(v_{t-1}) / alpha_{t-1} (the paper's eq. 1, with
+    `adam_scales` giving each term); Adam's convergence proofs need Gamma_t positive
+    semi-definite, i.e. this fraction to be 0.
+
+    Args:
+        previous: The scales of step t - 1 (None before the first step: all zeros).
+        current: The scales of step t, same shapes.
+
+    Returns:
+        A 0-d float64 tensor on the scales' device (no host synchronisation).
+
+    Example:
+        >>> prev = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+        >>> cur = [torch.tensor([0.5, 2.5]), torch.tensor([3.0])]
+        >>> float(gamma_negative_fraction(prev, cur))  # 1 of 3 coordinates decreased
+        0.3333333333333333
+    """
+    total = sum(t.numel() for t in current)
+    if total == 0:
+        raise ValueError("gamma_negative_fraction needs at least one coordinate")
+    if previous is not None and len(previous) != len(current):
+        raise ValueError(f"previous has {len(previous)} tensors but current has {len(current)}")
+    count = torch.zeros((), dtype=torch.float64, device=current[0].device)
+    for index, cur in enumerate(current):
+        below = (cur < 0) if previous is None else (cur < previous[index])
+        count += below.sum()
+    return count / total
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> None:
@@ -519,12 +615,13 @@ def train_run(
     else:
         eval_batches = make_batches(train, min(EVAL_CHUNK, len(train)))
     test_batches = make_batches(test, len(test) if full_batch else min(batch_size, len(test)))
+    # Schedule-Free optimizers evaluate at x and take gradients at y (train/eval modes).
+    train_eval = needs_train_eval(cfg.method)
     # Full batch without Dropout: the training forward at w_e is the metrics' forward.
-    reuse = full_batch and not _has_dropout(net)
+    reuse = full_batch and not _has_dropout(net) and not train_eval
+    track_gamma = cfg.method.optimizer == "adam"
 
-    optimizer = torch.optim.Adam(
-        params, lr=cfg.method.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0
-    )
+    optimizer = build_optimizer(cfg.method, params, betas=cfg.betas, eps=cfg.eps)
     scheduler = None
     per_batch = False
     if cfg.method.kind == "scheduler":
@@ -556,6 +653,7 @@ def train_run(
             "cuda_rng": (torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
             # Full batch, the next step reuses the gradient of the last full pass.
             "grads": [p.grad for p in params] if reuse else None,
+            "gamma_prev": gamma_prev,
             "metrics": [asdict(m) for m in metrics],
             "seconds": time.perf_counter() - start,
         }
@@ -564,8 +662,31 @@ def train_run(
     def test_metrics() -> _Totals:
         return _full_pass(net, params, test_batches, with_grad=False)[0]
 
+    def sharpness(epoch: int) -> float:
+        if cfg.curvature_every <= 0 or epoch % cfg.curvature_every != 0:
+            return math.nan
+        from exactlr.curvature import hessian_spectral_norm
+
+        saved = [p.grad for p in params]  # full batch, the next step reuses them
+        res = hessian_spectral_norm(
+            net,
+            F.cross_entropy,
+            eval_batches,
+            tol=1e-3,
+            target="norm",
+            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
+        )
+        for p, g in zip(params, saved, strict=True):
+            p.grad = g
+        return res.value
+
     def record(
-        epoch: int, grad_norm: float, totals: _Totals, full_sq: Tensor, lr: float
+        epoch: int,
+        grad_norm: float,
+        totals: _Totals,
+        full_sq: Tensor,
+        lr: float,
+        gamma: float = math.nan,
     ) -> EpochMetrics:
         tested = test_metrics()
         return EpochMetrics(
@@ -578,8 +699,22 @@ def train_run(
             test_acc=tested.accuracy(),
             lr=lr,
             seconds=time.perf_counter() - start,
+            gamma_neg_frac=gamma,
+            sharpness=sharpness(epoch),
         )
 
+    def step(lr_used: float) -> Tensor | None:
+        """One optimizer step; returns this step's Gamma_t negative fraction (Adam)."""
+        nonlocal gamma_prev
+        _optimizer_step(optimizer, params)
+        if not track_gamma:
+            return None
+        current = adam_scales(optimizer, lr_used)
+        fraction = gamma_negative_fraction(gamma_prev, current)
+        gamma_prev = current
+        return fraction
+
+    gamma_prev: list[Tensor] | None = None
     metrics: list[EpochMetrics] = []
     if resumed is not None:
         net.load_state_dict(resumed["model"])
@@ -594,11 +729,15 @@ def train_run(
         if resumed["grads"] is not None:
             for p, g in zip(params, resumed["grads"], strict=True):
                 p.grad = None if g is None else g.to(device)
+        if resumed.get("gamma_prev") is not None:
+            gamma_prev = [t.to(device) for t in resumed["gamma_prev"]]
         metrics = [EpochMetrics(**m) for m in resumed["metrics"]]
         start = time.perf_counter() - float(resumed["seconds"])
         first_epoch = int(resumed["epoch"]) + 1
     else:
         # Epoch 0: at w0. The paper's grad_norm over the (unshuffled) training batches.
+        if train_eval:
+            optimizer.eval()  # type: ignore[attr-defined]
         same_batches = eval_batches is train_batches
         totals, full_sq, batch_sq = _full_pass(
             net,
@@ -627,6 +766,9 @@ def train_run(
     bar = _progress(range(first_epoch, cfg.epochs + 1), progress, cfg.run_name())
     for epoch in bar:
         lr_sum = 0.0
+        gamma_sum = torch.zeros((), dtype=torch.float64, device=device)
+        if train_eval:
+            optimizer.train()  # type: ignore[attr-defined]
         if full_batch:
             if reuse:
                 # p.grad holds grad L(w_{e-1}) from the last full pass: this step's gradient.
@@ -636,8 +778,11 @@ def train_run(
                 optimizer.zero_grad(set_to_none=True)
                 F.cross_entropy(net(train_batches[0][0]), train_batches[0][1]).backward()
                 grad_norm = math.sqrt(float(_grad_sq_norm(params).item()))
-            lr_sum += optimizer.param_groups[0]["lr"]
-            _optimizer_step(optimizer, params)
+            lr_used = optimizer.param_groups[0]["lr"]
+            lr_sum += lr_used
+            fraction = step(lr_used)
+            if fraction is not None:
+                gamma_sum += fraction
             if scheduler is not None:
                 scheduler.step()
         else:
@@ -646,16 +791,22 @@ def train_run(
                 optimizer.zero_grad(set_to_none=True)
                 F.cross_entropy(net(x), y).backward()
                 batch_sq += _grad_sq_norm(params)
-                lr_sum += optimizer.param_groups[0]["lr"]
-                _optimizer_step(optimizer, params)
+                lr_used = optimizer.param_groups[0]["lr"]
+                lr_sum += lr_used
+                fraction = step(lr_used)
+                if fraction is not None:
+                    gamma_sum += fraction
                 if per_batch and scheduler is not None:
                     scheduler.step()
             if scheduler is not None and not per_batch:
                 scheduler.step()
             grad_norm = math.sqrt(float(batch_sq.item()) / steps_per_epoch)
+        if train_eval:
+            optimizer.eval()  # type: ignore[attr-defined]
         totals, full_sq, _ = _full_pass(net, params, eval_batches, with_grad=True)
         assert full_sq is not None
-        metrics.append(record(epoch, grad_norm, totals, full_sq, lr_sum / steps_per_epoch))
+        gamma = float(gamma_sum.item()) / steps_per_epoch if track_gamma else math.nan
+        metrics.append(record(epoch, grad_norm, totals, full_sq, lr_sum / steps_per_epoch, gamma))
         if progress and hasattr(bar, "set_postfix"):
             bar.set_postfix(
                 loss=f"{metrics[-1].train_loss:.4g}", grad=f"{metrics[-1].grad_norm_full:.3g}"
