@@ -4,6 +4,19 @@
 
 with ``L(w0)`` the initial training loss, ``K_hat`` the loss's Lipschitz smoothness
 (largest Hessian spectral norm over random weight samples) and ``T`` the number of steps.
+
+Modules, data flowing one way (the layout of DESIGN.md, with two additions):
+``data``, ``models`` -> ``curvature`` -> ``smoothness`` -> ``stepsize`` ->
+``schedules``, ``lrfinder`` -> ``training``, ``grid`` -> ``experiments`` -> ``results``
+-> ``plotting``, ``report`` -> ``cli`` (``distributed``: the Ray executor).
+
+- ``lrfinder`` (not in DESIGN.md): the LR range test, a baseline users pick instead of
+  this step size; its own module because it trains (like ``training``) but returns a
+  learning rate (like ``stepsize``), and neither should depend on the other.
+- ``grid`` (not in DESIGN.md): many runs of one architecture trained together with
+  ``torch.vmap``; equal to ``training.train_run`` per run. The experiment runner keeps
+  the sequential ``train_run`` path because the grid measured slower on CPU
+  (docs/performance.md).
 """
 
 from exactlr.curvature import (
