@@ -53,8 +53,13 @@ def _series(values: list[float], epochs: list[int], log: bool) -> tuple[list[int
 def _style(run: dict[str, Any], index: int) -> dict[str, Any]:
     if run.get("role") == "ours" and not run.get("series"):
         return dict(_OURS_STYLE)
-    cmap = plt.get_cmap("tab20" if index >= 10 else "tab10")
-    style: dict[str, Any] = {"color": cmap(index % cmap.N), "linewidth": 1.3}
+    # Ten colours; past ten runs the colours repeat with another line style, so that no
+    # two lines look alike (tab20's even colours are tab10's, so it would not do).
+    style: dict[str, Any] = {
+        "color": plt.get_cmap("tab10")(index % 10),
+        "linewidth": 1.3,
+        "linestyle": ("-", "-.", ":")[(index // 10) % 3],
+    }
     if run.get("role") == "ours_variant":
         style["linestyle"] = "--"
     return style
