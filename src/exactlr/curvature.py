@@ -222,7 +222,7 @@ def lanczos(
     Example:
         >>> a = torch.diag(torch.tensor([3.0, -5.0, 1.0, 2.0], dtype=torch.float64))
         >>> res = lanczos(lambda v: a @ v, torch.ones(4, dtype=a.dtype))
-        >>> round(res.lambda_max, 6), round(res.lambda_min, 6), res.spectral_norm
+        >>> round(res.lambda_max, 6), round(res.lambda_min, 6), round(res.spectral_norm, 6)
         (3.0, -5.0, 5.0)
     """
     _check_solver_args(v0, max_iters, tol)

@@ -52,6 +52,12 @@ Host-device syncs: none inside the batch loop (per-run accumulators live on the 
 one transfer per epoch for all runs' metrics.
 
 Example:
+    >>> import torch
+    >>> from exactlr.data import synthetic_classification
+    >>> from exactlr.models import build_model
+    >>> from exactlr.schedules import MethodSpec
+    >>> from exactlr.training import TrainConfig
+    >>> from exactlr.grid import train_grid
     >>> train, test = synthetic_classification(num_train=200, num_test=50)
     >>> model = build_model("fc1x32", dataset="synthetic", generator=torch.Generator())
     >>> cfgs = [TrainConfig("synthetic", "mini", "fc1x32", MethodSpec(f"c{lr}", "constant", lr),

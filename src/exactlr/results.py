@@ -18,8 +18,8 @@ over the target (`os.replace`), so a reader never sees a partial file and a run 
 mid-write leaves only a hidden `.*.tmp` file that `load_results` ignores.
 
 Example:
-    >>> path = result_path("out", result.config)
-    >>> if not is_finished(path):
+    >>> path = result_path("out", cfg)  # doctest: +SKIP
+    >>> if not is_finished(path):  # doctest: +SKIP
     ...     save_result(path, train_run(cfg, model, train, test))
 """
 

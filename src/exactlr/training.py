@@ -34,6 +34,11 @@ CPU, ends with exactly the metrics of an uninterrupted run (except `seconds`). T
 deletes the checkpoint once the run's result is saved.
 
 Example:
+    >>> import torch
+    >>> from exactlr.data import synthetic_classification
+    >>> from exactlr.models import build_model
+    >>> from exactlr.schedules import MethodSpec
+    >>> from exactlr.training import TrainConfig, train_run
     >>> train, test = synthetic_classification(num_train=200, num_test=50)
     >>> model = build_model("fc1x32", dataset="synthetic", generator=torch.Generator())
     >>> cfg = TrainConfig("synthetic", "mini", "fc1x32", MethodSpec("ours", "ours", 0.01),
