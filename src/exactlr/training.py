@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exactlr.curvature import training_loss_mode
+from exactlr.curvature import hessian_spectral_norm, training_loss_mode
 from exactlr.data import ArrayDataset, make_batches, validate_labels
 from exactlr.schedules import MethodSpec, build_optimizer, build_scheduler, needs_train_eval
 
@@ -670,8 +670,6 @@ def train_run(
     def sharpness(epoch: int) -> float:
         if cfg.curvature_every <= 0 or epoch % cfg.curvature_every != 0:
             return math.nan
-        from exactlr.curvature import hessian_spectral_norm
-
         saved = [p.grad for p in params]  # full batch, the next step reuses them
         res = hessian_spectral_norm(
             net,
@@ -708,16 +706,17 @@ def train_run(
             sharpness=sharpness(epoch),
         )
 
-    def step(lr_used: float) -> Tensor | None:
-        """One optimizer step; returns this step's Gamma_t negative fraction (Adam)."""
-        nonlocal gamma_prev
+    def step() -> None:
+        """One optimizer step at the LR in force, added to the epoch's LR sum and (Adam)
+        its Gamma_t negative fraction to the epoch's sum."""
+        nonlocal gamma_prev, lr_sum, gamma_sum
+        lr_used = optimizer.param_groups[0]["lr"]
+        lr_sum += lr_used
         _optimizer_step(optimizer, params)
-        if not track_gamma:
-            return None
-        current = adam_scales(optimizer, lr_used)
-        fraction = gamma_negative_fraction(gamma_prev, current)
-        gamma_prev = current
-        return fraction
+        if track_gamma:
+            current = adam_scales(optimizer, lr_used)
+            gamma_sum += gamma_negative_fraction(gamma_prev, current)
+            gamma_prev = current
 
     gamma_prev: list[Tensor] | None = None
     metrics: list[EpochMetrics] = []
@@ -783,11 +782,7 @@ def train_run(
                 optimizer.zero_grad(set_to_none=True)
                 F.cross_entropy(net(train_batches[0][0]), train_batches[0][1]).backward()
                 grad_norm = math.sqrt(float(_grad_sq_norm(params).item()))
-            lr_used = optimizer.param_groups[0]["lr"]
-            lr_sum += lr_used
-            fraction = step(lr_used)
-            if fraction is not None:
-                gamma_sum += fraction
+            step()
             if scheduler is not None:
                 scheduler.step()
         else:
@@ -796,11 +791,7 @@ def train_run(
                 optimizer.zero_grad(set_to_none=True)
                 F.cross_entropy(net(x), y).backward()
                 batch_sq += _grad_sq_norm(params)
-                lr_used = optimizer.param_groups[0]["lr"]
-                lr_sum += lr_used
-                fraction = step(lr_used)
-                if fraction is not None:
-                    gamma_sum += fraction
+                step()
                 if per_batch and scheduler is not None:
                     scheduler.step()
             if scheduler is not None and not per_batch:
