@@ -205,7 +205,5 @@ def test_bad_inputs_are_rejected(data):
 def test_unsupported_config_options_are_rejected(data):
     train, test = data
     cfg = _configs("fc2x16", [MethodSpec("ours", "ours", 0.01)])[0]
-    if not hasattr(cfg, "curvature_every"):
-        pytest.skip("this TrainConfig has no curvature_every")
     with pytest.raises(ValueError, match="curvature_every=2"):
         train_grid([dataclasses.replace(cfg, curvature_every=2)], _model(), train, test)
