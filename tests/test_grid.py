@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -207,3 +208,95 @@ def test_unsupported_config_options_are_rejected(data):
     cfg = _configs("fc2x16", [MethodSpec("ours", "ours", 0.01)])[0]
     with pytest.raises(ValueError, match="curvature_every=2"):
         train_grid([dataclasses.replace(cfg, curvature_every=2)], _model(), train, test)
+
+
+# --- The folded evaluation against vmap (same function, float64) ---------------------
+
+
+class _Residual(nn.Module):
+    """Not an nn.Sequential: the grid must fall back to vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + 0.5 * self.body(x).tanh()
+
+
+def _stacked_pair(model: nn.Module, k: int = 3):
+    from exactlr.grid import _Stacked
+
+    folded = _Stacked(model, torch.device("cpu"))
+    plain = _Stacked(model, torch.device("cpu"), fold=False)
+    gen = torch.Generator().manual_seed(5)
+    weights = {
+        n: (p.unsqueeze(0) + 0.05 * torch.randn(k, *p.shape, generator=gen, dtype=p.dtype))
+        for n, p in zip(folded.names, folded.w0, strict=True)
+    }
+    return folded, plain, weights
+
+
+@pytest.mark.parametrize(
+    ("name", "dataset", "init"),
+    [
+        ("lenet", "mnist", "paper"),
+        ("lenet", "cifar10", "pytorch"),
+        ("fc3x100", "mnist", "paper"),
+        ("vgg9", "cifar10", "paper"),
+    ],
+)
+def test_folded_layout_equals_vmap(name, dataset, init):
+    model = build_model(
+        name, dataset=dataset, init=init, generator=torch.Generator().manual_seed(2)
+    ).double()
+    folded, plain, weights = _stacked_pair(model)
+    assert folded.folded and not plain.folded
+    shape = (1, 28, 28) if dataset == "mnist" else (3, 32, 32)
+    x = torch.randn(6, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    y = torch.tensor([0, 3, 9, 1, 1, 5])
+    results = []
+    for stacked_model in (folded, plain):
+        leaves = {n: w.clone().requires_grad_(True) for n, w in weights.items()}
+        losses, logits = stacked_model(leaves, x, y)
+        grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
+        results.append((losses, logits, grads))
+    (l1, z1, g1), (l2, z2, g2) = results
+    assert l1.shape == (3,) and z1.shape == (3, 6, 10)
+    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(z1, z2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # Each run alone: run 1's loss is the model's own loss at run 1's weights.
+    alone = copy.deepcopy(model)
+    torch.nn.utils.vector_to_parameters(
+        torch.cat([weights[n][1].reshape(-1) for n in folded.names]), alone.parameters()
+    )
+    alone.train()
+    with torch.no_grad():
+        want = nn.functional.cross_entropy(alone(x), y)
+    assert l1[1].item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_frozen_parameter_is_shared_by_the_folded_runs():
+    model = build_model("lenet", dataset="mnist", generator=torch.Generator().manual_seed(2))
+    model = model.double()
+    model[0].weight.requires_grad_(False)  # frozen first convolution
+    folded, plain, weights = _stacked_pair(model)
+    assert "0.weight" not in folded.names and folded.folded
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    y = torch.tensor([1, 2, 3, 4])
+    torch.testing.assert_close(folded(weights, x, y)[0], plain(weights, x, y)[0])
+
+
+def test_unsupported_models_fall_back_to_vmap(data):
+    from exactlr.grid import _foldable
+
+    assert not _foldable(_Residual())
+    assert not _foldable(nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Tanh()))
+    assert not _foldable(nn.Sequential(nn.Conv2d(1, 4, 3, groups=1, padding="same")))
+    assert not _foldable(nn.Sequential(nn.BatchNorm1d(4)))  # running statistics
+    train, test = data
+    model = _Residual().double()
+    cfgs = _configs("fc2x16", _methods()[:3], epochs=2)
+    _check(cfgs, model, train, test)

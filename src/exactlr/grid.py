@@ -13,12 +13,15 @@ are batched: at each step the K runs' parameters are stacked, W[k] = w^(k), and
 
     l(W)[k] = CE_mean(f(W[k]; x), y),    k = 1..K,
 
-is evaluated with `torch.vmap(functional_call(base, ...), in_dims=(0, None, None))` on the
-batch (x, y), which all runs share (they shuffle with the same seeded generator). W is a
-fresh stacked copy made an autograd leaf; one backward of sum_k l(W)[k] gives dl/dW, whose
-slice k is run k's gradient (the runs do not interact); it becomes the `.grad` of run k's
-leaves (a view, no copy) and run k's optimizer steps. The result is the same as stacking
-differentiably and back-propagating into the leaves, without the K x P copies.
+is evaluated in one pass on the batch (x, y): for the models of `exactlr.models` on a
+"folded" layout, the K runs' channels side by side (one wide first layer, one BatchNorm
+over K*C channels; see `_Stacked`), for any other model with
+`torch.vmap(functional_call(base, ...), in_dims=(0, None, None))`. All runs share the
+batch (they shuffle with the same seeded generator). W is a fresh stacked copy made an
+autograd leaf; one backward of sum_k l(W)[k] gives dl/dW, whose slice k is run k's
+gradient (the runs do not interact); it becomes the `.grad` of run k's leaves (a view, no
+copy) and run k's optimizer steps. The result is the same as stacking differentiably and
+back-propagating into the leaves, without the K x P copies.
 
 Metrics are `train_run`'s (see its module docstring), computed with the same batches:
 
@@ -43,10 +46,12 @@ Divergence: a run whose epoch metrics are not finite gets `diverged_at` = that e
 metrics stop there, and it is dropped from the stack; the other runs continue unaffected
 (a NaN stays in its own vmap slice).
 
-Speed: on one CPU thread the grid is not faster than K sequential `train_run` calls
-(0.5-1x in `benchmarks/bench_grid.py`: sequential runs are already compute-bound, and
-vmap's grouped convolutions and BatchNorm batch rule add work); the batching is meant for
-accelerators, where K small kernels become one. Memory: a pass holds K runs' activations.
+Speed: on a CPU the grid is not faster than K sequential `train_run` calls (see
+docs/performance.md and `benchmarks/bench_grid.py`): the sequential runs are already
+compute-bound, a wider GEMM or convolution is no faster per element, and the elementwise
+layers (BatchNorm, ReLU, pooling) on a K times larger activation fall out of the cache and
+fault fresh pages; the batching is meant for accelerators, where K small kernels become
+one. Memory: a pass holds K runs' activations.
 
 Host-device syncs: none inside the batch loop (per-run accumulators live on the device);
 one transfer per epoch for all runs' metrics.
@@ -73,6 +78,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -147,14 +153,70 @@ def _check_shared(cfgs: Sequence[TrainConfig]) -> None:
                 )
 
 
+#: Layers without parameters that the folded path applies as they are (per channel or
+#: per sample, so they act on every run's block of channels alike).
+_FOLD_FREE = (
+    nn.ReLU,
+    nn.AvgPool2d,
+    nn.MaxPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Flatten,
+    nn.Identity,
+)
+
+
+def _foldable(model: nn.Module) -> bool:
+    """Whether `_Stacked` can run `model` on the folded layout (else it uses `torch.vmap`).
+
+    True for an `nn.Sequential` of Conv2d (groups 1, zero padding, numeric padding),
+    Linear, stateless BatchNorm1d/2d and the parameter-free layers of `_FOLD_FREE`
+    (Flatten over all but the batch dimension): every model of `exactlr.models`.
+    """
+    if not isinstance(model, nn.Sequential):
+        return False
+    for layer in model:
+        if isinstance(layer, nn.Conv2d):
+            if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                return False
+        elif isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d):
+            if layer.running_mean is not None or layer.running_var is not None:
+                return False
+        elif isinstance(layer, nn.Flatten):
+            if layer.start_dim != 1 or layer.end_dim != -1:
+                return False
+        elif not isinstance(layer, (nn.Linear, *_FOLD_FREE)):
+            return False
+    return True
+
+
 class _Stacked:
     """The batched loss of K runs: `losses(W, x, y) -> ([K] mean losses, [K, B, C] logits)`.
 
     `W` maps parameter names to stacked tensors `[K, *shape]`; the model's other tensors
     (frozen parameters, buffers) are shared by all runs.
+
+    Two ways to evaluate it, the same function (tested equal in float64):
+
+    - **folded** (`_foldable` models, i.e. every model of `exactlr.models`): the K runs'
+      activations are laid side by side along the feature / channel dimension,
+      `h[n, k*C + c, ...]` = run k's channel c of sample n. A Conv2d or Linear layer
+      whose input is still the shared batch becomes *one* layer with K*O outputs
+      (weights reshaped to `[K*O, ...]`); a later Conv2d is K convolutions on the runs'
+      channel blocks, concatenated (oneDNN's grouped convolution, `groups=K`, is ~2.2x
+      slower than K separate ones on this CPU, forward + backward, LeNet's second
+      layer); a later Linear is one `bmm` over `[K, B, I]`; BatchNorm is one
+      `F.batch_norm` over K*C channels (batch statistics: per run and channel, as
+      alone); pooling, ReLU and Flatten act per channel / block and need nothing; the
+      loss is `F.cross_entropy` over the `[B, C, K]` logits.
+    - **vmap** (any other model): `torch.vmap(functional_call(...))` over the stacked
+      weights, data unbatched. vmap's batch rules make every later convolution a
+      grouped one and route BatchNorm through permuted elementwise ops: LeNet's forward
+      + backward for 15 runs on 2,000 images took 10.6 s against 4.4 s folded (1 CPU
+      thread; 15 sequential runs: 3.0-3.4 s).
     """
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, *, fold: bool = True) -> None:
         base = copy.deepcopy(model).to(device)
         replace_all_batch_norm_modules_(base)  # no running stats: nothing updated in place
         base.train()
@@ -165,6 +227,7 @@ class _Stacked:
             n: p.detach() for n, p in base.named_parameters() if not p.requires_grad
         }
         self.shared.update({n: b for n, b in base.named_buffers() if b is not None})
+        self.folded = fold and _foldable(base)
 
         def loss(params: dict[str, Tensor], shared: dict[str, Tensor], x: Tensor, y: Tensor):
             logits = functional_call(base, (params, shared), (x,))
@@ -173,7 +236,82 @@ class _Stacked:
         self._batched = torch.vmap(loss, in_dims=(0, None, None, None))
 
     def __call__(self, stacked: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.folded:
+            return self._folded(stacked, x, y)
         return self._batched(stacked, self.shared, x, y)
+
+    def _folded(self, stacked: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The folded evaluation (see the class docstring)."""
+        k = next(iter(stacked.values())).shape[0]
+
+        def weight(name: str) -> Tensor | None:
+            """Stacked `[K, *shape]` tensor `name` (a frozen one expanded), None if absent."""
+            if name in stacked:
+                return stacked[name]
+            tensor = self.shared.get(name)
+            return None if tensor is None else tensor.expand(k, *tensor.shape)
+
+        h, folded = x, False  # folded: h is [B, K*C, ...]; else the shared [B, C, ...]
+        for prefix, layer in self.base.named_children():
+            w = weight(f"{prefix}.weight")
+            b = weight(f"{prefix}.bias")
+            if isinstance(layer, nn.Conv2d):
+                conv = partial(
+                    F.conv2d, stride=layer.stride, padding=layer.padding, dilation=layer.dilation
+                )
+                if folded:  # K convolutions: oneDNN's grouped one is ~2x slower on CPU
+                    blocks = h.chunk(k, dim=1)
+                    h = torch.cat(
+                        [conv(blocks[i], w[i], None if b is None else b[i]) for i in range(k)],
+                        dim=1,
+                    )
+                else:
+                    h = conv(
+                        h,
+                        w.reshape(k * layer.out_channels, *w.shape[2:]),
+                        None if b is None else b.reshape(-1),
+                    )
+            elif isinstance(layer, nn.Linear):
+                if folded:  # [K, B, I] @ [K, I, O] -> [B, K*O]
+                    batch = h.shape[0]
+                    out = torch.bmm(
+                        h.reshape(batch, k, layer.in_features).transpose(0, 1),
+                        w.transpose(1, 2),
+                    )
+                    if b is not None:
+                        out = out + b[:, None, :]
+                    h = out.transpose(0, 1).reshape(batch, k * layer.out_features)
+                else:
+                    h = F.linear(
+                        h,
+                        w.reshape(k * layer.out_features, layer.in_features),
+                        None if b is None else b.reshape(-1),
+                    )
+            elif isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d):
+                if not folded:
+                    h = h.repeat(1, k, *[1] * (h.dim() - 2))
+                h = F.batch_norm(
+                    h,
+                    None,
+                    None,
+                    None if w is None else w.reshape(-1),
+                    None if b is None else b.reshape(-1),
+                    True,
+                    0.0,
+                    layer.eps,
+                )
+            else:
+                h = layer(h)
+                continue
+            folded = True
+        if not folded:  # no layer with weights: every run computes the same function
+            h = h.repeat(1, k)
+        batch = h.shape[0]
+        logits = h.reshape(batch, k, -1)  # [B, K, C]
+        losses = F.cross_entropy(
+            logits.transpose(1, 2), y[:, None].expand(batch, k), reduction="none"
+        ).mean(dim=0)
+        return losses, logits.transpose(0, 1)
 
 
 def _stack(runs: Sequence[_Run], names: Sequence[str], *, grad: bool) -> dict[str, Tensor]:
