@@ -1,10 +1,12 @@
-"""train_grid (K runs batched with vmap) against K sequential train_run calls.
+"""train_grid (K runs batched) against K sequential train_run calls.
 
 The fig1-style comparison: 15 methods (ours, ours x 2, ours / 2, 5 constant LRs, 7
 schedulers) from one w0, paper preset, float32, mini-MNIST capped to `--num-train` images
 (full batch by default, like figs 1/2/6/9). For each model, repetitions are interleaved
 (sequential, grid, sequential, grid, ...) and the median time ratio is printed, with the
 largest relative difference of the final training losses (a sanity check, float32).
+`--compare-vmap` also times the grid with its generic vmap path instead of the folded
+layout (see `exactlr.grid._Stacked`), interleaved with the other two.
 
 "metrics overhead": one grid epoch with metrics (step + full gradient + test pass, as
 `train_grid` does it) against one bare training epoch (the same batched steps, no metrics;
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import exactlr.grid
 from exactlr.data import ArrayDataset, load_dataset, make_batches
 from exactlr.grid import _full_pass, _Run, _set_grads, _stack, _Stacked, train_grid
 from exactlr.models import build_model
@@ -106,7 +109,7 @@ def bench_model(name: str, args: argparse.Namespace, train, test) -> None:
         )
         for m in methods
     ]
-    seq_times, grid_times, ratios = [], [], []
+    seq_times, grid_times, ratios, vmap_times = [], [], [], []
     worst = 0.0
     for rep in range(args.reps):
         t = time.perf_counter()
@@ -116,9 +119,20 @@ def bench_model(name: str, args: argparse.Namespace, train, test) -> None:
         grid = train_grid(cfgs, model, train, test)
         grid_times.append(time.perf_counter() - t)
         ratios.append(seq_times[-1] / grid_times[-1])
+        extra = ""
+        if args.compare_vmap:
+            foldable = exactlr.grid._foldable
+            exactlr.grid._foldable = lambda model: False
+            try:
+                t = time.perf_counter()
+                train_grid(cfgs, model, train, test)
+                vmap_times.append(time.perf_counter() - t)
+            finally:
+                exactlr.grid._foldable = foldable
+            extra = f"  grid (vmap path) {vmap_times[-1]:.1f} s"
         print(
             f"  rep {rep}: sequential {seq_times[-1]:.1f} s  grid {grid_times[-1]:.1f} s  "
-            f"ratio {ratios[-1]:.2f}x",
+            f"ratio {ratios[-1]:.2f}x{extra}",
             flush=True,
         )
         for a, b in zip(seq, grid, strict=True):
@@ -133,6 +147,14 @@ def bench_model(name: str, args: argparse.Namespace, train, test) -> None:
         f"(median of {args.reps}; max rel. diff. of final train loss {worst:.1e})",
         flush=True,
     )
+    if vmap_times:
+        vmap, folded = statistics.median(vmap_times), statistics.median(grid_times)
+        print(
+            f"grid, vmap path ({name}): {vmap:.1f} s; folded layout {folded:.1f} s: folded "
+            f"{vmap / folded:.2f}x faster; sequential / vmap "
+            f"{statistics.median(seq_times) / vmap:.2f}x",
+            flush=True,
+        )
     bare, full = metrics_overhead(cfgs, model, train, test)
     print(
         f"metrics overhead ({name}): grid epoch with metrics {full:.2f} s  "
@@ -150,6 +172,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions")
     parser.add_argument("--ours-lr", type=float, default=0.045)
+    parser.add_argument(
+        "--compare-vmap", action="store_true", help="also time the grid's vmap path"
+    )
     parser.add_argument(
         "--data-dir",
         default=os.environ.get(

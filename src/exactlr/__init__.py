@@ -13,8 +13,9 @@ Modules, data flowing one way (the layout of DESIGN.md, with two additions):
 - ``lrfinder`` (not in DESIGN.md): the LR range test, a baseline users pick instead of
   this step size; its own module because it trains (like ``training``) but returns a
   learning rate (like ``stepsize``), and neither should depend on the other.
-- ``grid`` (not in DESIGN.md): many runs of one architecture trained together with
-  ``torch.vmap``; equal to ``training.train_run`` per run. The experiment runner keeps
+- ``grid`` (not in DESIGN.md): many runs of one architecture trained together in one
+  forward/backward pass (the runs' channels side by side, or ``torch.vmap`` for other
+  models); equal to ``training.train_run`` per run. The experiment runner keeps
   the sequential ``train_run`` path because the grid measured slower on CPU
   (docs/performance.md).
 """

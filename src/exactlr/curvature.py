@@ -953,7 +953,9 @@ class SpectralNormResult:
         method: ``"lanczos"`` or ``"power"``.
         hvp_mode: ``"forward"`` or ``"reverse"``.
         loss: The full-data loss at these weights.
-        error_estimate: The solver's bound on the absolute error of ``value``.
+        error_estimate: The solver's bound on the absolute error of ``value`` for the
+            products as computed: rounding inside the products is not in it (see
+            :func:`hessian_spectral_norm`, "Precision").
         seconds: Wall time.
         subsample_hvps: Products with the subsample Hessian spent on the start vector
             (``subsample`` set; each costs about ``subsample`` of a full product).
@@ -1010,7 +1012,7 @@ def hessian_spectral_norm(
         method: ``"lanczos"`` (both extremes at once, a-posteriori stop) or ``"power"``
             (power iteration for the dominant eigenvalue, then on ``H - lambda I`` for the
             other end).
-        tol: Relative accuracy of the spectral norm.
+        tol: Relative accuracy of the spectral norm (see "Precision" below).
         max_iters: Maximum Hessian-vector products per solver run.
         generator: Source of the random start vector (global RNG untouched if given).
         hvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"``.
@@ -1029,6 +1031,16 @@ def hessian_spectral_norm(
 
     Returns:
         A :class:`SpectralNormResult`.
+
+    Precision: the products are computed in the model's dtype, and the solver's bound
+    does not see their rounding. In float32 a BatchNorm network's product sums over
+    batch x height x width elements per channel; for LeNet (paper preset) over 5,500
+    MNIST images, float32 Lanczos runs from different start vectors each stopped with a
+    bound below 1e-9 at values 1.4e-3 to 3.2e-3 from the float64 spectral norm (12.397;
+    two float64 starts agree to 3e-12). For ``tol`` below ~5e-3 on such models, cast
+    the model and data to float64 (``model.double()``; ~3x the time per product on a
+    CPU). The step size needs far less: alpha ~ K^(-1/2) moves by half the relative
+    error of K.
 
     Raises:
         ValueError: Empty batches, labels outside the class range, a non-finite loss or
