@@ -202,13 +202,14 @@ class _Stacked:
       activations are laid side by side along the feature / channel dimension,
       `h[n, k*C + c, ...]` = run k's channel c of sample n. A Conv2d or Linear layer
       whose input is still the shared batch becomes *one* layer with K*O outputs
-      (weights reshaped to `[K*O, ...]`); a later Conv2d is K convolutions on the runs'
-      channel blocks, concatenated (oneDNN's grouped convolution, `groups=K`, is ~2.2x
-      slower than K separate ones on this CPU, forward + backward, LeNet's second
-      layer); a later Linear is one `bmm` over `[K, B, I]`; BatchNorm is one
-      `F.batch_norm` over K*C channels (batch statistics: per run and channel, as
-      alone); pooling, ReLU and Flatten act per channel / block and need nothing; the
-      loss is `F.cross_entropy` over the `[B, C, K]` logits.
+      (weights reshaped to `[K*O, ...]`); a later Conv2d is, on a CPU, K convolutions on
+      the runs' channel blocks, concatenated (oneDNN's grouped convolution, `groups=K`,
+      is ~2.2x slower than K separate ones here, forward + backward, LeNet's second
+      layer), and one grouped convolution on other devices (one kernel launch); a later
+      Linear is one `bmm` over `[K, B, I]`; BatchNorm is one `F.batch_norm` over K*C
+      channels (batch statistics: per run and channel, as alone); pooling, ReLU and
+      Flatten act per channel / block and need nothing; the loss is `F.cross_entropy`
+      over the `[B, C, K]` logits.
     - **vmap** (any other model): `torch.vmap(functional_call(...))` over the stacked
       weights, data unbatched. vmap's batch rules make every later convolution a
       grouped one and route BatchNorm through permuted elementwise ops: LeNet's forward
@@ -228,6 +229,9 @@ class _Stacked:
         }
         self.shared.update({n: b for n, b in base.named_buffers() if b is not None})
         self.folded = fold and _foldable(base)
+        # Later convolutions: K separate ones on a CPU (measured faster than oneDNN's
+        # grouped convolution), one grouped convolution (groups=K) elsewhere (one launch).
+        self.loop_convs = device.type == "cpu"
 
         def loss(params: dict[str, Tensor], shared: dict[str, Tensor], x: Tensor, y: Tensor):
             logits = functional_call(base, (params, shared), (x,))
@@ -259,17 +263,18 @@ class _Stacked:
                 conv = partial(
                     F.conv2d, stride=layer.stride, padding=layer.padding, dilation=layer.dilation
                 )
-                if folded:  # K convolutions: oneDNN's grouped one is ~2x slower on CPU
+                if folded and self.loop_convs:  # oneDNN's grouped conv is ~2x slower
                     blocks = h.chunk(k, dim=1)
                     h = torch.cat(
                         [conv(blocks[i], w[i], None if b is None else b[i]) for i in range(k)],
                         dim=1,
                     )
-                else:
+                else:  # shared input: one wide conv; folded input: one grouped conv
                     h = conv(
                         h,
                         w.reshape(k * layer.out_channels, *w.shape[2:]),
                         None if b is None else b.reshape(-1),
+                        groups=k if folded else 1,
                     )
             elif isinstance(layer, nn.Linear):
                 if folded:  # [K, B, I] @ [K, I, O] -> [B, K*O]
