@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-import exactlr.grid
 from exactlr.data import ArrayDataset, load_dataset, make_batches
 from exactlr.grid import _full_pass, _Run, _set_grads, _stack, _Stacked, train_grid
 from exactlr.models import build_model
@@ -121,14 +120,9 @@ def bench_model(name: str, args: argparse.Namespace, train, test) -> None:
         ratios.append(seq_times[-1] / grid_times[-1])
         extra = ""
         if args.compare_vmap:
-            foldable = exactlr.grid._foldable
-            exactlr.grid._foldable = lambda model: False
-            try:
-                t = time.perf_counter()
-                train_grid(cfgs, model, train, test)
-                vmap_times.append(time.perf_counter() - t)
-            finally:
-                exactlr.grid._foldable = foldable
+            t = time.perf_counter()
+            train_grid(cfgs, model, train, test, fold=False)
+            vmap_times.append(time.perf_counter() - t)
             extra = f"  grid (vmap path) {vmap_times[-1]:.1f} s"
         print(
             f"  rep {rep}: sequential {seq_times[-1]:.1f} s  grid {grid_times[-1]:.1f} s  "

@@ -303,3 +303,13 @@ def test_unsupported_models_fall_back_to_vmap(data):
     model = _Residual().double()
     cfgs = _configs("fc2x16", _methods()[:3], epochs=2)
     _check(cfgs, model, train, test)
+
+
+def test_fold_false_gives_the_same_runs(data):
+    train, test = data
+    cfgs = _configs("fc2x16", _methods()[:3], epochs=2, batch_size=40)
+    model = _model()
+    folded = train_grid(cfgs, model, train, test)
+    plain = train_grid(cfgs, model, train, test, fold=False)
+    for a, b in zip(folded, plain, strict=True):
+        _assert_same(a, b, rtol=1e-10)

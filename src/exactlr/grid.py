@@ -204,17 +204,17 @@ class _Stacked:
       whose input is still the shared batch becomes *one* layer with K*O outputs
       (weights reshaped to `[K*O, ...]`); a later Conv2d is, on a CPU, K convolutions on
       the runs' channel blocks, concatenated (oneDNN's grouped convolution, `groups=K`,
-      is ~2.2x slower than K separate ones here, forward + backward, LeNet's second
-      layer), and one grouped convolution on other devices (one kernel launch); a later
-      Linear is one `bmm` over `[K, B, I]`; BatchNorm is one `F.batch_norm` over K*C
-      channels (batch statistics: per run and channel, as alone); pooling, ReLU and
-      Flatten act per channel / block and need nothing; the loss is `F.cross_entropy`
-      over the `[B, C, K]` logits.
+      is 2.2-2.6x slower than K separate ones here, forward + backward, LeNet's second
+      layer: `benchmarks/bench_grid_layers.py`), and one grouped convolution on other
+      devices (one kernel launch); a later Linear is one `bmm` over `[K, B, I]`;
+      BatchNorm is one `F.batch_norm` over K*C channels (batch statistics: per run and
+      channel, as alone); pooling, ReLU and Flatten act per channel / block and need
+      nothing; the loss is `F.cross_entropy` over the `[B, C, K]` logits.
     - **vmap** (any other model): `torch.vmap(functional_call(...))` over the stacked
       weights, data unbatched. vmap's batch rules make every later convolution a
       grouped one and route BatchNorm through permuted elementwise ops: LeNet's forward
-      + backward for 15 runs on 2,000 images took 10.6 s against 4.4 s folded (1 CPU
-      thread; 15 sequential runs: 3.0-3.4 s).
+      + backward for 15 runs on 2,000 images took 7.57 s against 4.07 s folded (1 CPU
+      thread; 15 sequential runs: 3.32 s; `benchmarks/bench_grid_layers.py`).
     """
 
     def __init__(self, model: nn.Module, device: torch.device, *, fold: bool = True) -> None:
@@ -309,8 +309,8 @@ class _Stacked:
                 h = layer(h)
                 continue
             folded = True
-        if not folded:  # no layer with weights: every run computes the same function
-            h = h.repeat(1, k)
+        # A model without weighted layers has no trainable parameters (train_grid refuses it).
+        assert folded, "the folded path needs a Conv2d, Linear or BatchNorm layer"
         batch = h.shape[0]
         logits = h.reshape(batch, k, -1)  # [B, K, C]
         losses = F.cross_entropy(
@@ -408,6 +408,7 @@ def train_grid(
     *,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    fold: bool = True,
 ) -> list[RunResult]:
     """Trains one run per config from the same w0, batching their forward/backward passes.
 
@@ -423,6 +424,8 @@ def train_grid(
         test: Test set.
         device: Device to train on.
         progress: Show a tqdm bar over epochs (needs tqdm).
+        fold: Evaluate on the folded layout when the model allows it (see `_Stacked`);
+            False always uses `torch.vmap` (the same results; for comparison).
 
     Returns:
         One `RunResult` per config, in order. `EpochMetrics.seconds` and
@@ -456,7 +459,7 @@ def train_grid(
     start = time.perf_counter()
     first = cfgs[0]
     device = torch.device(device)
-    stacked_model = _Stacked(model, device)
+    stacked_model = _Stacked(model, device, fold=fold)
     if not stacked_model.names:
         raise ValueError("model has no trainable parameters")
     w0 = stacked_model.w0
