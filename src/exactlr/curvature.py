@@ -17,6 +17,11 @@ Hessian-vector products ``H v`` are built with :mod:`torch.func` on a
 
 ``"auto"`` picks ``"reverse"`` when the estimated graph fits in a memory budget.
 
+Unless ``rewrite=False``, products are taken of an exactly equal rewrite of the loss
+(:mod:`exactlr.rewrites`): the data enter shifted by their median with the first layer
+compensating (less float32 cancellation), and in ``"reverse"`` mode training-mode
+BatchNorm is built from elementary ops (a cheaper double backward).
+
 Extreme eigenvalues come from :func:`lanczos` (full reorthogonalisation, a-posteriori
 error bound) or :func:`power_iteration`, both pure functions of a matvec. The spectral
 norm counts negative curvature: ``||H||_2 = max(|lambda_max|, |lambda_min|)``.
@@ -46,6 +51,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from exactlr.rewrites import data_shift, rewritten
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -529,6 +536,9 @@ class HessianOperator:
         hvp_mode: ``"forward"``, ``"reverse"`` or ``"auto"`` (see module docstring).
         memory_fraction: In ``"auto"``, the share of free memory the reusable graph may
             use before ``"forward"`` is chosen.
+        rewrite: Apply the exact rewrites of :mod:`exactlr.rewrites` (input shift of the
+            first layer, composite BatchNorm in ``"reverse"`` mode): same function,
+            less rounding and cheaper products. False: evaluate the model as given.
     """
 
     def __init__(
@@ -539,6 +549,7 @@ class HessianOperator:
         *,
         hvp_mode: str = "auto",
         memory_fraction: float = 0.25,
+        rewrite: bool = True,
     ) -> None:
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode={hvp_mode!r} is not one of {HVP_MODES}")
@@ -560,15 +571,28 @@ class HessianOperator:
         self.num_products = 0
         self.hvp_mode = self._choose_mode(memory_fraction) if hvp_mode == "auto" else hvp_mode
         self._reverse_fn: Callable | None = None
+        # Exact rewrites (exactlr.rewrites): the data enter as x - c, the first layer adds
+        # A_W c back; in "reverse" mode BatchNorm is built from elementary ops.
+        self.rewrite = rewrite
+        self.shift = data_shift(model, [x for x, _ in batches]) if rewrite else None
 
     # -- the loss -----------------------------------------------------------------------
     def _batch_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         outputs = functional_call(self.model, (params, self.buffers), (x,))
         return self.loss_fn(outputs, y)
 
+    def _rewritten(self, *, composite: bool = False) -> contextlib.AbstractContextManager:
+        """Evaluate the model on the shifted inputs as if on the data (exact rewrites)."""
+        return rewritten(self.model, self.shift, composite_batch_norm=composite and self.rewrite)
+
+    def _pairs(self) -> Iterator[tuple[float, Tensor, Tensor]]:
+        """``(weight, rewritten inputs, targets)`` of every batch (shifted on the fly)."""
+        for w, (x, y) in zip(self.weights, self.batches, strict=True):
+            yield w, (x if self.shift is None else x - self.shift), y
+
     def _total_loss(self, params: dict[str, Tensor]) -> Tensor:
         total = None
-        for w, (x, y) in zip(self.weights, self.batches, strict=True):
+        for w, x, y in self._pairs():
             term = w * self._batch_loss(params, x, y)
             total = term if total is None else total + term
         assert total is not None
@@ -581,8 +605,8 @@ class HessianOperator:
             ValueError: For labels outside the model's class range or a non-finite loss.
         """
         total = 0.0
-        with torch.no_grad():
-            for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
+        with torch.no_grad(), self._rewritten():
+            for i, (w, x, y) in enumerate(self._pairs()):
                 outputs = functional_call(self.model, (self.params, self.buffers), (x,))
                 _check_targets(outputs, y, i)
                 value = self.loss_fn(outputs, y)
@@ -614,9 +638,10 @@ class HessianOperator:
     def gradient(self) -> Tensor:
         """The flat gradient ``grad L(w)`` (one backward pass per batch)."""
         g = None
-        for w, (x, y) in zip(self.weights, self.batches, strict=True):
-            gb = self.flatten(grad(self._batch_loss)(self.params, x, y))
-            g = w * gb if g is None else g + w * gb
+        with self._rewritten():
+            for w, x, y in self._pairs():
+                gb = self.flatten(grad(self._batch_loss)(self.params, x, y))
+                g = w * gb if g is None else g + w * gb
         assert g is not None
         return g
 
@@ -627,17 +652,19 @@ class HessianOperator:
         tangent = self.unflatten(vector.to(self.dtype))
         if self.hvp_mode == "reverse":
             if self._reverse_fn is None:
-                _, self._reverse_fn = vjp(grad(self._total_loss), self.params)
+                with self._rewritten(composite=True):
+                    _, self._reverse_fn = vjp(grad(self._total_loss), self.params)
             return self.flatten(self._reverse_fn(tangent)[0])
         out = None
-        for w, (x, y) in zip(self.weights, self.batches, strict=True):
+        with self._rewritten():
+            for w, x, y in self._pairs():
 
-            def batch_grad(p: dict[str, Tensor], x: Tensor = x, y: Tensor = y) -> dict:
-                return grad(self._batch_loss)(p, x, y)
+                def batch_grad(p: dict[str, Tensor], x: Tensor = x, y: Tensor = y) -> dict:
+                    return grad(self._batch_loss)(p, x, y)
 
-            _, hv = jvp(batch_grad, (self.params,), (tangent,))
-            hv_flat = self.flatten(hv)
-            out = w * hv_flat if out is None else out + w * hv_flat
+                _, hv = jvp(batch_grad, (self.params,), (tangent,))
+                hv_flat = self.flatten(hv)
+                out = w * hv_flat if out is None else out + w * hv_flat
         assert out is not None
         return out
 
@@ -708,6 +735,7 @@ class StackedHessianOperator:
         loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
         batches: List of ``(inputs, targets)`` pairs on the parameters' device.
         hvp_mode: ``"forward"`` or ``"reverse"``.
+        rewrite: As :class:`HessianOperator`'s (the shift hook goes on ``base``).
     """
 
     def __init__(
@@ -719,6 +747,7 @@ class StackedHessianOperator:
         batches: list[Batch],
         *,
         hvp_mode: str,
+        rewrite: bool = True,
     ) -> None:
         if hvp_mode not in ("forward", "reverse"):
             raise ValueError(f"hvp_mode={hvp_mode!r} must be 'forward' or 'reverse' here")
@@ -736,6 +765,17 @@ class StackedHessianOperator:
         self.dtype, self.device = first.dtype, first.device
         self.num_products = 0  # stacked products (each is num_models Hessian-vector ones)
         self._reverse_fn: Callable | None = None
+        self.rewrite = rewrite
+        self.shift = data_shift(base, [x for x, _ in batches]) if rewrite else None
+
+    def _rewritten(self, *, composite: bool = False) -> contextlib.AbstractContextManager:
+        """Evaluate the template on the shifted inputs as if on the data (exact rewrites)."""
+        return rewritten(self.base, self.shift, composite_batch_norm=composite and self.rewrite)
+
+    def _pairs(self) -> Iterator[tuple[float, Tensor, Tensor]]:
+        """``(weight, rewritten inputs, targets)`` of every batch (shifted on the fly)."""
+        for w, (x, y) in zip(self.weights, self.batches, strict=True):
+            yield w, (x if self.shift is None else x - self.shift), y
 
     @classmethod
     def from_models(
@@ -746,6 +786,7 @@ class StackedHessianOperator:
         *,
         hvp_mode: str = "auto",
         memory_fraction: float = 0.25,
+        rewrite: bool = True,
     ) -> StackedHessianOperator:
         """Stack S models of one architecture (their current weights are the points).
 
@@ -774,10 +815,16 @@ class StackedHessianOperator:
         with training_loss_mode(models[0]):
             if hvp_mode == "auto":
                 hvp_mode = HessianOperator(
-                    models[0], loss_fn, batches, memory_fraction=memory_fraction / len(models)
+                    models[0],
+                    loss_fn,
+                    batches,
+                    memory_fraction=memory_fraction / len(models),
+                    rewrite=False,
                 ).hvp_mode
             base = copy.deepcopy(models[0])  # keeps the training-loss-mode flags
-        return cls(base.to("meta"), params, stacked, loss_fn, batches, hvp_mode=hvp_mode)
+        return cls(
+            base.to("meta"), params, stacked, loss_fn, batches, hvp_mode=hvp_mode, rewrite=rewrite
+        )
 
     def subset(self, index: Sequence[int]) -> StackedHessianOperator:
         """The operator of the samples ``index`` only (a new stack, no graph)."""
@@ -789,6 +836,7 @@ class StackedHessianOperator:
             self.loss_fn,
             self.batches,
             hvp_mode=self.hvp_mode,
+            rewrite=self.rewrite,
         )
 
     # -- the loss -----------------------------------------------------------------------
@@ -805,7 +853,7 @@ class StackedHessianOperator:
     def _stacked_total(self, params: dict[str, Tensor]) -> Tensor:
         """``sum_s L(w_s)``."""
         total = None
-        for w, (x, y) in zip(self.weights, self.batches, strict=True):
+        for w, x, y in self._pairs():
             term = w * self._stacked_batch_loss(params, x, y)
             total = term if total is None else total + term
         assert total is not None
@@ -819,12 +867,12 @@ class StackedHessianOperator:
                 loss.
         """
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), self._rewritten():
             for s in range(self.num_models):
                 params = {k: v[s] for k, v in self.params.items()}
                 constants = {k: v[s] for k, v in self.constants.items()}
                 total = 0.0
-                for i, (w, (x, y)) in enumerate(zip(self.weights, self.batches, strict=True)):
+                for i, (w, x, y) in enumerate(self._pairs()):
                     outputs = functional_call(self.base, (params, constants), (x,))
                     _check_targets(outputs, y, i)
                     value = self.loss_fn(outputs, y)
@@ -867,17 +915,19 @@ class StackedHessianOperator:
         tangent = self.unflatten(vectors.to(self.dtype))
         if self.hvp_mode == "reverse":
             if self._reverse_fn is None:
-                _, self._reverse_fn = vjp(grad(self._stacked_total), self.params)
+                with self._rewritten(composite=True):
+                    _, self._reverse_fn = vjp(grad(self._stacked_total), self.params)
             return self.flatten(self._reverse_fn(tangent)[0])
         out = None
-        for w, (x, y) in zip(self.weights, self.batches, strict=True):
+        with self._rewritten():
+            for w, x, y in self._pairs():
 
-            def batch_grad(p: dict[str, Tensor], x: Tensor = x, y: Tensor = y) -> dict:
-                return grad(self._stacked_batch_loss)(p, x, y)
+                def batch_grad(p: dict[str, Tensor], x: Tensor = x, y: Tensor = y) -> dict:
+                    return grad(self._stacked_batch_loss)(p, x, y)
 
-            _, hv = jvp(batch_grad, (self.params,), (tangent,))
-            hv_flat = self.flatten(hv)
-            out = w * hv_flat if out is None else out + w * hv_flat
+                _, hv = jvp(batch_grad, (self.params,), (tangent,))
+                hv_flat = self.flatten(hv)
+                out = w * hv_flat if out is None else out + w * hv_flat
         assert out is not None
         return out
 
@@ -996,6 +1046,7 @@ def hessian_spectral_norm(
     subsample: float | None = None,
     subsample_tol: float = 1e-2,
     target: str = "both",
+    rewrite: bool = True,
 ) -> SpectralNormResult:
     """Spectral norm of the Hessian of the full-data loss at the model's weights.
 
@@ -1028,18 +1079,23 @@ def hessian_spectral_norm(
         target: ``"both"``: ``tol`` bounds both extremes (relative to the norm);
             ``"norm"``: only ``value`` is guaranteed to ``tol`` and the smaller end may be
             less accurate (see :func:`lanczos`). Lanczos only.
+        rewrite: Exact rewrites of the loss for the products (see
+            :class:`HessianOperator` and :mod:`exactlr.rewrites`).
 
     Returns:
         A :class:`SpectralNormResult`.
 
     Precision: the products are computed in the model's dtype, and the solver's bound
-    does not see their rounding. In float32 a BatchNorm network's product sums over
-    batch x height x width elements per channel; for LeNet (paper preset) over 5,500
-    MNIST images, float32 Lanczos runs from different start vectors each stopped with a
-    bound below 1e-9 at values 1.4e-3 to 3.2e-3 from the float64 spectral norm (12.397;
-    two float64 starts agree to 3e-12). For ``tol`` below ~5e-3 on such models, cast
-    the model and data to float64 (``model.double()``; ~3x the time per product on a
-    CPU). The step size needs far less: alpha ~ K^(-1/2) moves by half the relative
+    does not see their rounding. In float32 the first layer's weight derivatives of a
+    BatchNorm network are sums over batch x positions that cancel large equal terms when
+    the data have a dominant value (MNIST's background): for LeNet (paper preset) over
+    5,500 MNIST images a plain float32 product is 3.0e-3 off float64, and float32 Lanczos
+    runs from different starts each stopped with a bound below 1e-9 at values 1.4e-3 to
+    3.2e-3 from the float64 norm (12.397). With ``rewrite=True`` (the default) the input
+    shift of :mod:`exactlr.rewrites` removes that cancellation: the product is 1.2e-4
+    off, and the norm at ``tol=1e-3`` within 1e-3 of float64. For ``tol`` below ~1e-4,
+    cast the model and data to float64 (``model.double()``; ~3x the time per product on
+    a CPU). The step size needs far less: alpha ~ K^(-1/2) moves by half the relative
     error of K.
 
     Raises:
@@ -1068,7 +1124,7 @@ def hessian_spectral_norm(
     data = materialize_batches(batches, device)
     subsample_hvps = 0
     with training_loss_mode(model):
-        op = HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode)
+        op = HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, rewrite=rewrite)
         loss = op.loss()
         v0 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
         if subsample is not None:
@@ -1127,6 +1183,7 @@ def hessian_spectral_norms(
     generators: Sequence[torch.Generator | None] | None = None,
     hvp_mode: str = "auto",
     target: str = "both",
+    rewrite: bool = True,
 ) -> list[SpectralNormResult]:
     """:func:`hessian_spectral_norm` (Lanczos) of S models of one architecture at once.
 
@@ -1152,6 +1209,8 @@ def hessian_spectral_norms(
         hvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"``; ``"auto"`` budgets memory
             for the whole stack.
         target: ``"both"`` or ``"norm"`` (see :func:`lanczos`).
+        rewrite: Exact rewrites of the loss for the products (see
+            :class:`HessianOperator`).
 
     Returns:
         One :class:`SpectralNormResult` per model, in order. ``seconds`` is the wall time
@@ -1171,7 +1230,9 @@ def hessian_spectral_norms(
         raise ValueError("models is empty; pass at least one model")
     device, _ = _module_device_dtype(models[0])
     data = materialize_batches(batches, device)
-    op = StackedHessianOperator.from_models(models, loss_fn, data, hvp_mode=hvp_mode)
+    op = StackedHessianOperator.from_models(
+        models, loss_fn, data, hvp_mode=hvp_mode, rewrite=rewrite
+    )
     losses = op.losses()
     gens = list(generators) if generators is not None else [None] * len(models)
     v0 = torch.stack(
@@ -1231,7 +1292,7 @@ def _subsample_start(
     # A local generator when none is given: library code leaves the global RNG alone.
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     data = subsample_batches(op.batches, fraction, generator=generator)
-    sub = HessianOperator(op.model, op.loss_fn, data, hvp_mode=op.hvp_mode)
+    sub = HessianOperator(op.model, op.loss_fn, data, hvp_mode=op.hvp_mode, rewrite=op.rewrite)
     try:
         res = lanczos(sub, v0, max_iters=max_iters, tol=tol, return_vectors=True, target=target)
     finally:
@@ -1256,4 +1317,4 @@ def full_loss(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch]) -> fl
     device, _ = _module_device_dtype(model)
     data = materialize_batches(batches, device)
     with training_loss_mode(model):
-        return HessianOperator(model, loss_fn, data, hvp_mode="forward").loss()
+        return HessianOperator(model, loss_fn, data, hvp_mode="forward", rewrite=False).loss()

@@ -154,7 +154,7 @@ def _evaluate_one(
 
 
 #: The keywords of :func:`hessian_spectral_norm` that the batched path honours.
-_BATCHED_KWARGS = ("tol", "max_iters", "hvp_mode", "target")
+_BATCHED_KWARGS = ("tol", "max_iters", "hvp_mode", "target", "rewrite")
 
 
 def _evaluate_group(
