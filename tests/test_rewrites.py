@@ -296,3 +296,13 @@ def test_spectral_norm_same_with_and_without_rewrites() -> None:
     assert a.value == pytest.approx(b.value, rel=1e-9)
     assert a.lambda_min == pytest.approx(b.lambda_min, rel=1e-9)
     assert not model[0]._forward_hooks
+
+
+def test_stacked_subset_keeps_the_shift_and_the_products() -> None:
+    models = [padded_conv_net(seed=s) for s in (0, 1, 2)]
+    batches = [background_images(12)]
+    op = StackedHessianOperator.from_models(models, F.cross_entropy, batches, hvp_mode="forward")
+    sub = op.subset([2, 0])
+    assert sub.rewrite and sub.shift is op.shift
+    v = torch.randn(3, op.dim, generator=torch.Generator().manual_seed(6), dtype=DTYPE)
+    torch.testing.assert_close(sub(v[[2, 0]]), op(v)[[2, 0]], rtol=1e-10, atol=1e-12)

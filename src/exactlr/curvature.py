@@ -532,7 +532,31 @@ def _available_memory_bytes(device: torch.device) -> int:
         return 4 * 2**30
 
 
-class HessianOperator:
+class _RewrittenBatches:
+    """The batches as the operators evaluate them: ``x - shift``, inside the rewrites.
+
+    Shared by :class:`HessianOperator` and :class:`StackedHessianOperator`, which set
+    ``weights``, ``batches``, ``shift``, ``rewrite`` and ``network`` (the module whose
+    first layer carries the shift hook).
+    """
+
+    weights: list[float]
+    batches: list[Batch]
+    shift: Tensor | None
+    rewrite: bool
+    network: nn.Module
+
+    def _rewritten(self, *, composite: bool = False) -> contextlib.AbstractContextManager:
+        """Evaluate ``network`` on the shifted inputs as if on the data (exact rewrites)."""
+        return rewritten(self.network, self.shift, composite_batch_norm=composite and self.rewrite)
+
+    def _pairs(self) -> Iterator[tuple[float, Tensor, Tensor]]:
+        """``(weight, rewritten inputs, targets)`` of every batch (shifted on the fly)."""
+        for w, (x, y) in zip(self.weights, self.batches, strict=True):
+            yield w, (x if self.shift is None else x - self.shift), y
+
+
+class HessianOperator(_RewrittenBatches):
     """The Hessian of the size-weighted mean loss of ``model`` over ``batches``.
 
     A thin stateful wrapper: it holds the detached parameters, the batches and (in
@@ -584,22 +608,13 @@ class HessianOperator:
         self._reverse_fn: Callable | None = None
         # Exact rewrites (exactlr.rewrites): the data enter as x - c, the first layer adds
         # A_W c back; in "reverse" mode BatchNorm is built from elementary ops.
-        self.rewrite = rewrite
+        self.rewrite, self.network = rewrite, model
         self.shift = data_shift(model, [x for x, _ in batches]) if rewrite else None
 
     # -- the loss -----------------------------------------------------------------------
     def _batch_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         outputs = functional_call(self.model, (params, self.buffers), (x,))
         return self.loss_fn(outputs, y)
-
-    def _rewritten(self, *, composite: bool = False) -> contextlib.AbstractContextManager:
-        """Evaluate the model on the shifted inputs as if on the data (exact rewrites)."""
-        return rewritten(self.model, self.shift, composite_batch_norm=composite and self.rewrite)
-
-    def _pairs(self) -> Iterator[tuple[float, Tensor, Tensor]]:
-        """``(weight, rewritten inputs, targets)`` of every batch (shifted on the fly)."""
-        for w, (x, y) in zip(self.weights, self.batches, strict=True):
-            yield w, (x if self.shift is None else x - self.shift), y
 
     def _total_loss(self, params: dict[str, Tensor]) -> Tensor:
         total = None
@@ -713,7 +728,7 @@ class HessianOperator:
         return "reverse" if need <= budget else "forward"
 
 
-class StackedHessianOperator:
+class StackedHessianOperator(_RewrittenBatches):
     """The Hessians ``H_1..H_S`` of one loss at S weight samples of one architecture.
 
     ``H_s`` is the Hessian of :class:`HessianOperator`'s loss at the weights ``w_s`` of
@@ -776,17 +791,8 @@ class StackedHessianOperator:
         self.dtype, self.device = first.dtype, first.device
         self.num_products = 0  # stacked products (each is num_models Hessian-vector ones)
         self._reverse_fn: Callable | None = None
-        self.rewrite = rewrite
+        self.rewrite, self.network = rewrite, base
         self.shift = data_shift(base, [x for x, _ in batches]) if rewrite else None
-
-    def _rewritten(self, *, composite: bool = False) -> contextlib.AbstractContextManager:
-        """Evaluate the template on the shifted inputs as if on the data (exact rewrites)."""
-        return rewritten(self.base, self.shift, composite_batch_norm=composite and self.rewrite)
-
-    def _pairs(self) -> Iterator[tuple[float, Tensor, Tensor]]:
-        """``(weight, rewritten inputs, targets)`` of every batch (shifted on the fly)."""
-        for w, (x, y) in zip(self.weights, self.batches, strict=True):
-            yield w, (x if self.shift is None else x - self.shift), y
 
     @classmethod
     def from_models(
@@ -840,15 +846,17 @@ class StackedHessianOperator:
     def subset(self, index: Sequence[int]) -> StackedHessianOperator:
         """The operator of the samples ``index`` only (a new stack, no graph)."""
         rows = torch.as_tensor(list(index), dtype=torch.long, device=self.device)
-        return StackedHessianOperator(
+        sub = StackedHessianOperator(
             self.base,
             {k: v.index_select(0, rows) for k, v in self.params.items()},
             {k: v.index_select(0, rows) for k, v in self.constants.items()},
             self.loss_fn,
             self.batches,
             hvp_mode=self.hvp_mode,
-            rewrite=self.rewrite,
+            rewrite=False,  # the shift is this stack's: no second median
         )
+        sub.rewrite, sub.shift = self.rewrite, self.shift
+        return sub
 
     # -- the loss -----------------------------------------------------------------------
     def _sample_batch_loss(
