@@ -536,8 +536,8 @@ class _RewrittenBatches:
     """The batches as the operators evaluate them: ``x - shift``, inside the rewrites.
 
     Shared by :class:`HessianOperator` and :class:`StackedHessianOperator`, which set
-    ``weights``, ``batches``, ``shift``, ``rewrite`` and ``network`` (the module whose
-    first layer carries the shift hook).
+    ``weights``, ``batches``, ``shift``, ``rewrite``, ``params`` and ``network`` (the
+    module whose first layer carries the shift hook) and define ``flatten``.
     """
 
     weights: list[float]
@@ -545,6 +545,8 @@ class _RewrittenBatches:
     shift: Tensor | None
     rewrite: bool
     network: nn.Module
+    params: dict[str, Tensor]
+    flatten: Callable[[dict[str, Tensor]], Tensor]
 
     def _rewritten(self, *, composite: bool = False) -> contextlib.AbstractContextManager:
         """Evaluate ``network`` on the shifted inputs as if on the data (exact rewrites)."""
@@ -554,6 +556,21 @@ class _RewrittenBatches:
         """``(weight, rewritten inputs, targets)`` of every batch (shifted on the fly)."""
         for w, (x, y) in zip(self.weights, self.batches, strict=True):
             yield w, (x if self.shift is None else x - self.shift), y
+
+    def _forward_products(self, batch_loss: Callable, tangent: dict[str, Tensor]) -> Tensor:
+        """``"forward"`` mode: ``sum_b w_b jvp(grad(batch_loss_b), params, tangent)``."""
+        out = None
+        with self._rewritten():
+            for w, x, y in self._pairs():
+
+                def batch_grad(p: dict[str, Tensor], x: Tensor = x, y: Tensor = y) -> dict:
+                    return grad(batch_loss)(p, x, y)
+
+                _, hv = jvp(batch_grad, (self.params,), (tangent,))
+                hv_flat = self.flatten(hv)
+                out = w * hv_flat if out is None else out + w * hv_flat
+        assert out is not None
+        return out
 
 
 class HessianOperator(_RewrittenBatches):
@@ -681,18 +698,7 @@ class HessianOperator(_RewrittenBatches):
                 with self._rewritten(composite=True):
                     _, self._reverse_fn = vjp(grad(self._total_loss), self.params)
             return self.flatten(self._reverse_fn(tangent)[0])
-        out = None
-        with self._rewritten():
-            for w, x, y in self._pairs():
-
-                def batch_grad(p: dict[str, Tensor], x: Tensor = x, y: Tensor = y) -> dict:
-                    return grad(self._batch_loss)(p, x, y)
-
-                _, hv = jvp(batch_grad, (self.params,), (tangent,))
-                hv_flat = self.flatten(hv)
-                out = w * hv_flat if out is None else out + w * hv_flat
-        assert out is not None
-        return out
+        return self._forward_products(self._batch_loss, tangent)
 
     __call__ = matvec
 
@@ -937,18 +943,7 @@ class StackedHessianOperator(_RewrittenBatches):
                 with self._rewritten(composite=True):
                     _, self._reverse_fn = vjp(grad(self._stacked_total), self.params)
             return self.flatten(self._reverse_fn(tangent)[0])
-        out = None
-        with self._rewritten():
-            for w, x, y in self._pairs():
-
-                def batch_grad(p: dict[str, Tensor], x: Tensor = x, y: Tensor = y) -> dict:
-                    return grad(self._stacked_batch_loss)(p, x, y)
-
-                _, hv = jvp(batch_grad, (self.params,), (tangent,))
-                hv_flat = self.flatten(hv)
-                out = w * hv_flat if out is None else out + w * hv_flat
-        assert out is not None
-        return out
+        return self._forward_products(self._stacked_batch_loss, tangent)
 
     __call__ = matvec
 

@@ -29,6 +29,7 @@ only: the user's model is never left changed.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -42,6 +43,8 @@ _SHAPE_ONLY = (nn.Flatten, nn.Identity, nn.Unflatten)
 _AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Samples used to estimate the median shift (any shift is exact; this only sets how good).
 MEDIAN_SAMPLES = 8192
+#: ``F.batch_norm``'s own signature, to read its arguments however they were passed.
+_BATCH_NORM = inspect.signature(F.batch_norm)
 
 
 def input_layer(model: nn.Module) -> tuple[list[nn.Module], nn.Module] | None:
@@ -184,29 +187,9 @@ class CompositeBatchNorm(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.batch_norm:
-            bound = _batch_norm_args(*args, **kwargs)
-            if bound["training"] and bound["running_mean"] is None:
-                return batch_norm_composite(
-                    bound["input"], bound["weight"], bound["bias"], bound["eps"]
-                )
+            bound = _BATCH_NORM.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            if a["training"] and a["running_mean"] is None:
+                return batch_norm_composite(a["input"], a["weight"], a["bias"], a["eps"])
         return func(*args, **kwargs)
-
-
-def _batch_norm_args(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-) -> dict:
-    return {
-        "input": input,
-        "running_mean": running_mean,
-        "weight": weight,
-        "bias": bias,
-        "training": training,
-        "eps": eps,
-    }
