@@ -19,6 +19,8 @@ from typing import NoReturn
 
 import torch
 
+from exactlr.allocator import keep_freed_memory
+
 EXIT_USAGE = 2
 
 
@@ -470,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@keep_freed_memory()
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``exactlr`` command; returns the exit status."""
     parser = build_parser()

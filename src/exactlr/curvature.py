@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from exactlr.allocator import keep_freed_memory
 from exactlr.rewrites import data_shift, rewritten
 
 Batch = tuple[Tensor, Tensor]
@@ -1047,6 +1048,7 @@ def _check_common(method: str, tol: float, max_iters: int) -> None:
         raise ValueError(f"max_iters must be a positive integer, got {max_iters=}")
 
 
+@keep_freed_memory()
 def hessian_spectral_norm(
     model: nn.Module,
     loss_fn: LossFn,
@@ -1187,6 +1189,7 @@ def hessian_spectral_norm(
     )
 
 
+@keep_freed_memory()
 def hessian_spectral_norms(
     models: Sequence[nn.Module],
     loss_fn: LossFn,

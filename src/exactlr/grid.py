@@ -85,6 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, replace_all_batch_norm_modules_
 
+from exactlr.allocator import keep_freed_memory
 from exactlr.data import ArrayDataset, make_batches
 from exactlr.schedules import build_scheduler
 from exactlr.training import (
@@ -400,6 +401,7 @@ def _set_grads(runs: Sequence[_Run], grads: Sequence[Tensor]) -> None:
             p.grad = g[k]
 
 
+@keep_freed_memory()
 def train_grid(
     cfgs: Sequence[TrainConfig],
     model: nn.Module,

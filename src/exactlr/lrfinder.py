@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exactlr.allocator import keep_freed_memory
 from exactlr.curvature import LossFn
 from exactlr.data import ArrayDataset, make_batches
 
@@ -115,6 +116,7 @@ def _exponential_factor(step: int, *, ratio: float, num_iter: int) -> float:
     return ratio ** (step / max(1, num_iter - 1))
 
 
+@keep_freed_memory()
 def lr_range_test(
     model: nn.Module,
     train: ArrayDataset,

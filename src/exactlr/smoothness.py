@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from exactlr.allocator import keep_freed_memory
 from exactlr.curvature import (
     Batch,
     LossFn,
@@ -185,6 +186,7 @@ def _can_batch(variant: str, spectral_kwargs: dict) -> bool:
     return variant == "full" and method == "lanczos" and spectral_kwargs.get("subsample") is None
 
 
+@keep_freed_memory()
 def estimate_smoothness(
     make_model: Callable[[], nn.Module],
     loss_fn: LossFn,

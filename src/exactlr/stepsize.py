@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from exactlr.allocator import keep_freed_memory
 from exactlr.curvature import Batch, LossFn, full_loss, materialize_batches
 from exactlr.smoothness import SmoothnessEstimate, estimate_smoothness
 
@@ -119,6 +120,7 @@ class LRSuggestion:
     estimate: SmoothnessEstimate = field(repr=False)
 
 
+@keep_freed_memory()
 def suggest_lr(
     model: nn.Module,
     loss_fn: LossFn,

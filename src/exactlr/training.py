@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from exactlr.allocator import keep_freed_memory
 from exactlr.curvature import hessian_spectral_norm, training_loss_mode
 from exactlr.data import ArrayDataset, make_batches, validate_labels
 from exactlr.schedules import MethodSpec, build_optimizer, build_scheduler, needs_train_eval
@@ -542,6 +543,7 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------------ train
 
 
+@keep_freed_memory()
 def train_run(
     cfg: TrainConfig,
     model: nn.Module,

@@ -1,0 +1,110 @@
+"""Keep freed memory in the process while exactlr works (glibc's malloc settings).
+
+PyTorch's CPU tensors are allocated with the C library's ``malloc``. glibc serves every
+request above its mmap threshold (dynamic, at most 32 MiB) with a fresh ``mmap`` and
+returns it to the kernel on ``free``. A full-batch Hessian-vector product or training
+step allocates and frees the same large intermediates again and again, so each one is
+page-faulted back in, 4 KiB at a time, and zeroed by the kernel: on LeNet over 5,500
+MNIST images that is about 1.6 million minor page faults per product, three quarters
+of its wall time (``benchmarks/bench_allocator.py``).
+
+:func:`keep_freed_memory` switches glibc to serve large requests from its heap
+(``M_MMAP_MAX = 0``) and to keep freed heap memory (``M_TRIM_THRESHOLD`` very large),
+so the next product reuses the pages of the last one. On exit it restores glibc's
+defaults (``M_MMAP_MAX = 65536``, ``M_TRIM_THRESHOLD = 128 KiB``) and calls
+``malloc_trim(0)``, which hands the retained memory back. Results are bitwise the same;
+only where the bytes live changes.
+
+It is a no-op (and yields ``False``) when the C library is not glibc, when the user
+chose their own malloc settings (any ``MALLOC_*_`` tuning variable, or ``glibc.malloc``
+in ``GLIBC_TUNABLES``), or when ``EXACTLR_KEEP_FREED_MEMORY=0``. The settings are
+process-wide while active; nested and concurrent uses share one activation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import os
+import platform
+import sys
+import threading
+from collections.abc import Iterator
+
+__all__ = ["ENV_SWITCH", "keep_freed_memory"]
+
+ENV_SWITCH = "EXACTLR_KEEP_FREED_MEMORY"
+
+# mallopt parameter numbers and glibc's defaults (malloc/malloc.h, malloc/malloc.c).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_KEEP_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
+_USER_TUNING = (
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+)
+
+_lock = threading.Lock()
+_depth = 0
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc's handle, or ``None`` on any other C library or platform."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    return libc
+
+
+def _user_tuned() -> bool:
+    """Whether the environment already sets glibc's malloc (then we leave it alone)."""
+    if any(name in os.environ for name in _USER_TUNING):
+        return True
+    return "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def _enabled() -> bool:
+    switch = os.environ.get(ENV_SWITCH, "1").strip().lower()
+    return switch not in ("0", "false", "no", "off") and not _user_tuned()
+
+
+@contextlib.contextmanager
+def keep_freed_memory() -> Iterator[bool]:
+    """Keep freed memory in the process for reuse while the block runs.
+
+    Usable as ``with keep_freed_memory():`` or as a decorator. Reentrant: only the
+    outermost use changes and restores the settings.
+
+    Yields:
+        Whether the settings are active (``False``: not glibc, the user's own malloc
+        settings, or ``EXACTLR_KEEP_FREED_MEMORY=0``).
+    """
+    global _depth
+    libc = _glibc()
+    if libc is None or not _enabled():
+        yield False
+        return
+    with _lock:
+        if _depth == 0:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD)
+        _depth += 1
+    try:
+        yield True
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)
