@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from exactlr.allocator import keep_freed_memory
 from exactlr.data import ArrayDataset, load_dataset, make_batches
 from exactlr.grid import _full_pass, _Run, _set_grads, _stack, _Stacked, train_grid
 from exactlr.models import build_model
@@ -47,10 +48,19 @@ def _cap(train: ArrayDataset, n: int) -> ArrayDataset:
     return ArrayDataset(train.inputs[:n], train.targets[:n], train.num_classes, train.name)
 
 
+@keep_freed_memory()  # as train_grid runs
 def metrics_overhead(
-    cfgs: list[TrainConfig], model: torch.nn.Module, train: ArrayDataset, test: ArrayDataset
-) -> tuple[float, float]:
-    """Seconds of one bare batched training epoch and of one epoch with metrics."""
+    cfgs: list[TrainConfig],
+    model: torch.nn.Module,
+    train: ArrayDataset,
+    test: ArrayDataset,
+    reps: int = 5,
+) -> tuple[float, float, float]:
+    """Seconds of one bare batched epoch, of one epoch with metrics, and their ratio.
+
+    Medians over ``reps`` alternating pairs after two warm-up epochs; the ratio is the
+    median of the per-pair ratios.
+    """
     device = torch.device("cpu")
     stacked_model = _Stacked(model, device)
     train = _cap(train, cfgs[0].num_train or len(train))
@@ -82,15 +92,17 @@ def metrics_overhead(
         torch.stack([totals.loss_sum, tested.loss_sum]).tolist()
 
     bare_epoch()  # warm-up (also creates Adam's state)
+    metrics_epoch()  # warm-up (grows the kept heap to its steady size)
     bare, full = [], []
-    for _ in range(2):
+    for _ in range(reps):
         t = time.perf_counter()
         bare_epoch()
         bare.append(time.perf_counter() - t)
         t = time.perf_counter()
         metrics_epoch()
         full.append(time.perf_counter() - t)
-    return statistics.median(bare), statistics.median(full)
+    ratio = statistics.median(f / b for f, b in zip(full, bare, strict=True))
+    return statistics.median(bare), statistics.median(full), ratio
 
 
 def bench_model(name: str, args: argparse.Namespace, train, test) -> None:
@@ -108,6 +120,19 @@ def bench_model(name: str, args: argparse.Namespace, train, test) -> None:
         )
         for m in methods
     ]
+    if not args.metrics_only:
+        time_grid(name, cfgs, model, train, test, args)
+    bare, full, ratio = metrics_overhead(cfgs, model, train, test, args.metrics_reps)
+    print(
+        f"metrics overhead ({name}): grid epoch with metrics {full:.2f} s  "
+        f"bare training epoch {bare:.2f} s  ratio {ratio:.2f} (median of "
+        f"{args.metrics_reps} pairs)",
+        flush=True,
+    )
+
+
+def time_grid(name: str, cfgs: list[TrainConfig], model, train, test, args) -> None:  # type: ignore[no-untyped-def]
+    """Interleaved sequential / grid (/ vmap) timings; prints the summary lines."""
     seq_times, grid_times, ratios, vmap_times = [], [], [], []
     worst = 0.0
     for rep in range(args.reps):
@@ -149,12 +174,6 @@ def bench_model(name: str, args: argparse.Namespace, train, test) -> None:
             f"{statistics.median(seq_times) / vmap:.2f}x",
             flush=True,
         )
-    bare, full = metrics_overhead(cfgs, model, train, test)
-    print(
-        f"metrics overhead ({name}): grid epoch with metrics {full:.2f} s  "
-        f"bare training epoch {bare:.2f} s  ratio {full / bare:.2f}",
-        flush=True,
-    )
 
 
 def main() -> None:
@@ -168,6 +187,10 @@ def main() -> None:
     parser.add_argument("--ours-lr", type=float, default=0.045)
     parser.add_argument(
         "--compare-vmap", action="store_true", help="also time the grid's vmap path"
+    )
+    parser.add_argument("--metrics-reps", type=int, default=5, help="metrics overhead pairs")
+    parser.add_argument(
+        "--metrics-only", action="store_true", help="only the metrics overhead, no timing runs"
     )
     parser.add_argument(
         "--data-dir",

@@ -54,7 +54,12 @@ class _RecordingLibc:
 
 
 SET = [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]
-RESTORE = [("mallopt", -4, 65536), ("mallopt", -1, 128 * 1024), ("malloc_trim", 0)]
+RESTORE = [
+    ("mallopt", -4, 65536),
+    ("mallopt", -3, 32 * 1024 * 1024),
+    ("mallopt", -1, 64 * 1024 * 1024),
+    ("malloc_trim", 0),
+]
 
 
 @pytest.fixture
@@ -66,7 +71,7 @@ def fake_libc(monkeypatch: pytest.MonkeyPatch) -> _RecordingLibc:
     return libc
 
 
-def test_sets_on_entry_and_restores_glibc_defaults_on_exit(fake_libc: _RecordingLibc) -> None:
+def test_sets_on_entry_and_restores_mmap_use_on_exit(fake_libc: _RecordingLibc) -> None:
     with keep_freed_memory() as active:
         assert active is True
         assert fake_libc.calls == SET

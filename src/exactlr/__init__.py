@@ -13,6 +13,9 @@ Modules, data flowing one way (the layout of DESIGN.md, with two additions):
 - ``lrfinder`` (not in DESIGN.md): the LR range test, a baseline users pick instead of
   this step size; its own module because it trains (like ``training``) but returns a
   learning rate (like ``stepsize``), and neither should depend on the other.
+- ``allocator`` (not in DESIGN.md): a context manager that keeps glibc from unmapping
+  freed large blocks while exactlr's functions run (a full-batch product page-faulted
+  its intermediates in afresh otherwise); a utility below every other module.
 - ``grid`` (not in DESIGN.md): many runs of one architecture trained together in one
   forward/backward pass (the runs' channels side by side, or ``torch.vmap`` for other
   models); equal to ``training.train_run`` per run. The experiment runner keeps
@@ -20,6 +23,7 @@ Modules, data flowing one way (the layout of DESIGN.md, with two additions):
   (docs/performance.md).
 """
 
+from exactlr.allocator import keep_freed_memory
 from exactlr.curvature import (
     EigenResult,
     HessianOperator,
@@ -46,6 +50,7 @@ __all__ = [
     "exact_step_size",
     "full_loss",
     "hessian_spectral_norm",
+    "keep_freed_memory",
     "lanczos",
     "power_iteration",
     "suggest_lr",

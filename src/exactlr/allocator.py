@@ -5,15 +5,21 @@ request above its mmap threshold (dynamic, at most 32 MiB) with a fresh ``mmap``
 returns it to the kernel on ``free``. A full-batch Hessian-vector product or training
 step allocates and frees the same large intermediates again and again, so each one is
 page-faulted back in, 4 KiB at a time, and zeroed by the kernel: on LeNet over 5,500
-MNIST images that is about 1.6 million minor page faults per product, three quarters
+MNIST images that is about 1.6 million minor page faults per product, more than half
 of its wall time (``benchmarks/bench_allocator.py``).
 
 :func:`keep_freed_memory` switches glibc to serve large requests from its heap
 (``M_MMAP_MAX = 0``) and to keep freed heap memory (``M_TRIM_THRESHOLD`` very large),
-so the next product reuses the pages of the last one. On exit it restores glibc's
-defaults (``M_MMAP_MAX = 65536``, ``M_TRIM_THRESHOLD = 128 KiB``) and calls
-``malloc_trim(0)``, which hands the retained memory back. Results are bitwise the same;
-only where the bytes live changes.
+so the next product reuses the pages of the last one. On exit it restores mmap use
+(``M_MMAP_MAX = 65536``, glibc's default) and calls ``malloc_trim(0)``, which hands the
+retained memory back. Any ``mallopt`` call ends glibc's *dynamic* thresholds for the
+rest of the process (glibc grows the mmap threshold up to 32 MiB, and the trim threshold
+to twice that, as it sees large blocks freed); the exit sets them where that growth ends
+in a PyTorch process (``M_MMAP_THRESHOLD = 32 MiB``, ``M_TRIM_THRESHOLD = 64 MiB``).
+Results are bitwise the same; only where the bytes live changes. The price is memory:
+freed blocks stay in the process while active and a heap cannot always reuse a hole for
+a differently sized request, so the peak resident memory can grow (1.5-1.8x on LeNet,
+levelling off after a few steps; docs/performance.md).
 
 It is a no-op (and yields ``False``) when the C library is not glibc, when the user
 chose their own malloc settings (any ``MALLOC_*_`` tuning variable, or ``glibc.malloc``
@@ -38,8 +44,10 @@ __all__ = ["ENV_SWITCH", "keep_freed_memory"]
 ENV_SWITCH = "EXACTLR_KEEP_FREED_MEMORY"
 
 # mallopt parameter numbers and glibc's defaults (malloc/malloc.h, malloc/malloc.c).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_DEFAULT_MMAP_MAX = 65536
+# Where glibc's dynamic thresholds end up (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, twice it).
+_SETTLED_MMAP_THRESHOLD, _SETTLED_TRIM_THRESHOLD = 32 * 1024 * 1024, 64 * 1024 * 1024
 _KEEP_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 _USER_TUNING = (
     "MALLOC_MMAP_MAX_",
@@ -106,5 +114,6 @@ def keep_freed_memory() -> Iterator[bool]:
             _depth -= 1
             if _depth == 0:
                 libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
+                libc.mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
                 libc.malloc_trim(0)
