@@ -32,6 +32,11 @@ with one vmapped product, :func:`lanczos_batched` runs one Lanczos per sample in
 (the iteration and stopping rule of :func:`lanczos`), and :func:`hessian_spectral_norms`
 is :func:`hessian_spectral_norm` for a list of models on top of both.
 
+:func:`hessian_spectral_norm` and :func:`hessian_spectral_norms` run inside
+:func:`exactlr.allocator.keep_freed_memory` (glibc keeps freed blocks for the next
+product instead of page-faulting them in again); wrap your own loops over
+:class:`HessianOperator` products in it for the same speed.
+
 The curvature is that of the loss *as training computes it*: BatchNorm uses batch
 statistics (train mode) and never updates its running statistics here; Dropout is
 switched off (its expectation), since a random operator has no eigenvalues. The model's
