@@ -23,7 +23,7 @@ glibc_only = pytest.mark.skipif(
 BIG = 16 * 1024 * 1024  # float32 elements: 64 MiB, above glibc's largest mmap threshold
 
 
-def _faults_of_last_allocations(total: int = 24, last: int = 8) -> float:
+def _faults_of_last_allocations(total: int = 32, last: int = 8) -> float:
     """Median minor page faults of the last ``last`` of ``total`` fresh 64 MiB tensors.
 
     Not the first ones: small allocations of the process land in a freed block in
