@@ -18,7 +18,7 @@ to twice that, as it sees large blocks freed); the exit sets them where that gro
 in a PyTorch process (``M_MMAP_THRESHOLD = 32 MiB``, ``M_TRIM_THRESHOLD = 64 MiB``).
 Results are bitwise the same; only where the bytes live changes. The price is memory:
 freed blocks stay in the process while active and a heap cannot always reuse a hole for
-a differently sized request, so the peak resident memory can grow (1.5-1.8x on LeNet,
+a differently sized request, so the peak resident memory can grow (1.5-2x on LeNet,
 levelling off after a few steps; docs/performance.md).
 
 It is a no-op (and yields ``False``) when the C library is not glibc, when the user
