@@ -147,3 +147,11 @@ def test_public_functions_keep_their_signatures_and_results(
     plain = exactlr.hessian_spectral_norm(model, F.cross_entropy, [(x, y)], **kwargs)
     assert kept.value == plain.value  # bitwise: only where the bytes live changes
     assert kept.num_hvps == plain.num_hvps
+
+
+def test_a_bad_switch_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_SWITCH, "maybe")
+    bad = pytest.raises(ValueError, match=r"EXACTLR_KEEP_FREED_MEMORY='maybe'.*1.*0")
+    with bad, keep_freed_memory():
+        pass
+    assert allocator._depth == 0

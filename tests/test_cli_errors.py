@@ -160,6 +160,16 @@ def test_cli_bad_input_is_one_line_exit_2(
     assert needle in err, err
 
 
+def test_cli_bad_allocator_switch_is_one_line_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EXACTLR_KEEP_FREED_MEMORY", "maybe")
+    assert main(["list"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "EXACTLR_KEEP_FREED_MEMORY='maybe'" in err, err
+
+
 @pytest.mark.parametrize(
     ("edit", "needle"),
     [

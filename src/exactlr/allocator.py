@@ -81,9 +81,23 @@ def _user_tuned() -> bool:
     return "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
 
 
+_ON, _OFF = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _enabled() -> bool:
-    switch = os.environ.get(ENV_SWITCH, "1").strip().lower()
-    return switch not in ("0", "false", "no", "off") and not _user_tuned()
+    """The switch ``EXACTLR_KEEP_FREED_MEMORY`` (default on), unless the user tuned glibc.
+
+    Raises:
+        ValueError: For a value that is neither on (1/true/yes/on) nor off (0/false/no/off).
+    """
+    raw = os.environ.get(ENV_SWITCH, "1")
+    switch = raw.strip().lower()
+    if switch not in _ON + _OFF:
+        raise ValueError(
+            f"{ENV_SWITCH}={raw!r} is not a switch: set it to 1 (keep freed memory, the "
+            "default) or 0 (glibc's own malloc settings), or unset it"
+        )
+    return switch in _ON and not _user_tuned()
 
 
 @contextlib.contextmanager
@@ -96,10 +110,13 @@ def keep_freed_memory() -> Iterator[bool]:
     Yields:
         Whether the settings are active (``False``: not glibc, the user's own malloc
         settings, or ``EXACTLR_KEEP_FREED_MEMORY=0``).
+
+    Raises:
+        ValueError: ``EXACTLR_KEEP_FREED_MEMORY`` set to something other than a switch.
     """
     global _depth
     libc = _glibc()
-    if libc is None or not _enabled():
+    if not _enabled() or libc is None:
         yield False
         return
     with _lock:

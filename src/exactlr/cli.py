@@ -472,13 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@keep_freed_memory()
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``exactlr`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with keep_freed_memory():
+            return int(args.func(args) or 0)
     except (
         UsageError,
         ValueError,
