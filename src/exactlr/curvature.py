@@ -24,7 +24,10 @@ BatchNorm is built from elementary ops (a cheaper double backward).
 
 Extreme eigenvalues come from :func:`lanczos` (full reorthogonalisation, a-posteriori
 error bound) or :func:`power_iteration`, both pure functions of a matvec. The spectral
-norm counts negative curvature: ``||H||_2 = max(|lambda_max|, |lambda_min|)``.
+norm counts negative curvature: ``||H||_2 = max(|lambda_max|, |lambda_min|)``. On a
+GPU the vectors stay on the device; each product brings two scalars to the host in one
+copy (the solvers' stopping rules need them), and the small tridiagonal algebra runs
+there in numpy.
 
 Several weight samples of one architecture can be handled at once:
 :class:`StackedHessianOperator` stacks their weights and takes ``(H_1 v_1; ..; H_S v_S)``
@@ -53,6 +56,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
@@ -117,16 +121,28 @@ def _check_solver_args(v0: Tensor, max_iters: int, tol: float) -> None:
         raise ValueError(f"tol must be a positive finite number, got {tol=}")
 
 
-def _checked_product(matvec: Matvec, v: Tensor) -> Tensor:
+_NOT_FINITE = (
+    "the Hessian-vector product is not finite (NaN or inf): the loss is not twice "
+    "differentiable at these weights or overflows; check the inputs and the model"
+)
+
+
+def _shaped_product(matvec: Matvec, v: Tensor) -> Tensor:
+    """``matvec(v)``, checked for its shape (finiteness is checked on the solver's
+    scalars, which a non-finite product makes non-finite: one host read per product)."""
     w = matvec(v)
     if w.shape != v.shape:
         raise ValueError(f"matvec returned shape {tuple(w.shape)} for input {tuple(v.shape)}")
-    if not torch.isfinite(w).all():
-        raise ValueError(
-            "the Hessian-vector product is not finite (NaN or inf): the loss is not twice "
-            "differentiable at these weights or overflows; check the inputs and the model"
-        )
     return w
+
+
+def _host_scalars(*scalars: Tensor) -> list[float]:
+    """The 0-d tensors as Python floats, in one device-to-host copy; ValueError if any is
+    not finite (a product with a NaN or inf makes its Rayleigh quotient and norm so)."""
+    values = torch.stack([t.double() for t in scalars]).tolist()
+    if not all(math.isfinite(x) for x in values):
+        raise ValueError(_NOT_FINITE)
+    return values
 
 
 def random_unit_vector(
@@ -182,10 +198,12 @@ def power_iteration(
     previous = None
     eigenvalue = 0.0
     for k in range(1, max_iters + 1):
-        w = _checked_product(matvec, v)
-        eigenvalue = float(torch.dot(v.double().flatten(), w.double().flatten()))
+        w = _shaped_product(matvec, v)
         norm = w.norm()
-        if float(norm) == 0.0:  # v is in the null space: the eigenvalue is 0 exactly
+        eigenvalue, norm_value = _host_scalars(
+            torch.dot(v.double().flatten(), w.double().flatten()), norm
+        )
+        if norm_value == 0.0:  # v is in the null space: the eigenvalue is 0 exactly
             return 0.0, v, k, True
         if previous is not None and abs(eigenvalue - previous) <= tol * abs(eigenvalue):
             return eigenvalue, w / norm, k, True
@@ -242,7 +260,7 @@ def lanczos(
     """
     _check_solver_args(v0, max_iters, tol)
     run = _LanczosRun(v0, max_iters=max_iters, tol=tol, target=target)
-    while not run.step(_checked_product(matvec, run.vector)):
+    while not run.step(_shaped_product(matvec, run.vector)):
         pass
     return run.result(return_vectors=return_vectors)
 
@@ -269,8 +287,9 @@ class _LanczosRun:
         self.basis[0] = v0 / v0.norm()
         self.alphas: list[float] = []
         self.betas: list[float] = []
-        self.theta = torch.zeros(1, dtype=torch.float64)
-        self.s = torch.ones(1, 1, dtype=torch.float64)
+        # Host side (numpy, float64): the tridiagonal T_k, its Ritz values and vectors.
+        self.theta = np.zeros(1)
+        self.s = np.ones((1, 1))
         self.error = math.inf
         self.k = 0
         self.stopped: tuple[int, bool] | None = None  # (num_matvecs, converged) once done
@@ -281,27 +300,40 @@ class _LanczosRun:
         return self.basis[self.k]
 
     def step(self, w: Tensor) -> bool:
-        """One Lanczos iteration with ``w = A q_k``; True when the run has stopped."""
+        """One Lanczos iteration with ``w = A q_k``; True when the run has stopped.
+
+        The vectors stay on their device; ``alpha_k`` and ``beta_k`` come to the host in
+        one copy (the only synchronisation with a GPU per product), and the tridiagonal
+        algebra and stopping rule run there in numpy.
+        """
+        w, alpha_t, beta_t = self.orthogonalise(w)
+        return self.finish(w, *_host_scalars(alpha_t, beta_t))
+
+    def orthogonalise(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The device half of :meth:`step`: ``(w_perp, alpha_k, beta_k)``, the scalars as
+        0-d tensors (not read yet: a batched run reads all its runs' in one copy)."""
         if self.stopped is not None:
             raise RuntimeError("this Lanczos run has already stopped")
         k, basis = self.k, self.basis
-        q = basis[k]
-        alpha = float(torch.dot(q.double(), w.double()))
-        self.alphas.append(alpha)
+        alpha_t = torch.dot(basis[k].double(), w.double())
         # Full reorthogonalisation, twice ("twice is enough"): keeps Ritz values from
         # ghosting, cheap next to a Hessian-vector product.
         active = basis[: k + 1]
         for _ in range(2):
             w = w - active.T @ (active @ w)
-        beta = float(w.norm())
-        t = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
+        return w, alpha_t, w.norm()
+
+    def finish(self, w: Tensor, alpha: float, beta: float) -> bool:
+        """The host half of :meth:`step`, given ``alpha_k`` and ``beta_k`` as floats."""
+        k, basis = self.k, self.basis
+        self.alphas.append(alpha)
+        t = np.diag(self.alphas)
         if k > 0:
-            off = torch.tensor(self.betas, dtype=torch.float64)
-            t = t + torch.diag(off, 1) + torch.diag(off, -1)
-        theta, s = torch.linalg.eigh(t)
+            t += np.diag(self.betas, 1) + np.diag(self.betas, -1)
+        theta, s = np.linalg.eigh(t)
         self.theta, self.s = theta, s
         scale = max(abs(float(theta[0])), abs(float(theta[-1])))
-        residual = beta * s[-1].abs()
+        residual = beta * np.abs(s[-1])
         error_min, error_max = _ritz_error(theta, residual, 0), _ritz_error(theta, residual, -1)
         if self.target == "norm":
             top, low = abs(float(theta[-1])), abs(float(theta[0]))
@@ -344,7 +376,7 @@ class _LanczosRun:
         theta = self.theta
         vectors: tuple[Tensor | None, Tensor | None] = (None, None)
         if return_vectors:
-            coeffs = self.s.to(self.basis.dtype)
+            coeffs = torch.from_numpy(self.s).to(self.basis)
             ends = self.basis[:num].T @ coeffs[:num, [-1, 0]]
             ends = ends / ends.norm(dim=0)
             vectors = (ends[:, 0], ends[:, 1])
@@ -406,13 +438,18 @@ def lanczos_batched(
             raise ValueError(
                 f"matvec returned shape {tuple(products.shape)} for input {tuple(block.shape)}"
             )
-        for row, w in zip(block, products, strict=True):
-            _checked_product(lambda _, w=w: w, row)
-        active = [s for s, w in zip(active, products, strict=True) if not runs[s].step(w)]
+        # One device-to-host copy for the scalars of every active run.
+        halves = [runs[s].orthogonalise(w) for s, w in zip(active, products, strict=True)]
+        scalars = _host_scalars(*(t for _, alpha, beta in halves for t in (alpha, beta)))
+        active = [
+            s
+            for i, (s, (w, _, _)) in enumerate(zip(active, halves, strict=True))
+            if not runs[s].finish(w, scalars[2 * i], scalars[2 * i + 1])
+        ]
     return [run.result() for run in runs]
 
 
-def _ritz_error(theta: Tensor, residual: Tensor, i: int) -> float:
+def _ritz_error(theta: np.ndarray, residual: np.ndarray, i: int) -> float:
     """Error bound ``min(r_i, r_i^2 / gap)`` of the ``i``-th (an outermost) Ritz value.
 
     ``gap = |theta_i - theta_j| - r_j`` for the neighbour ``j``: the Ritz gap shrunk by
@@ -421,7 +458,7 @@ def _ritz_error(theta: Tensor, residual: Tensor, i: int) -> float:
     Ritz gap too large. Without a positive gap the bound is ``r_i``.
     """
     r = float(residual[i])
-    if theta.numel() <= 3:
+    if theta.size <= 3:
         # With two Ritz values the "neighbour" is the other end of the spectrum, not the
         # next eigenvalue: r^2 / gap then claims far too much (measured on FC 3x1000 from
         # a multi-fidelity start: bound 4e-4, actual error 1.2e-3). With three, the one
