@@ -63,6 +63,7 @@ from exactlr.curvature import (
 )
 from exactlr.data import load_dataset
 from exactlr.models import build_model
+from exactlr.results import write_json_atomic
 
 RETURNED = "best, freed memory returned"  # ours best with glibc's default malloc settings
 KEPT = "pyhessian (memory kept)"  # PyHessian inside keep_freed_memory()
@@ -122,7 +123,7 @@ def reference(
     )
     if cache:
         stored[key] = [norm, lam_max, lam_min]
-        Path(cache).write_text(json.dumps(stored, indent=1))
+        write_json_atomic(cache, stored)  # a killed run leaves the old cache whole
     return norm, lam_max, lam_min
 
 
