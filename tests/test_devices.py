@@ -398,23 +398,16 @@ def test_device_smoothness_and_suggest_lr_match_cpu(data):
     [
         ["lr", "--model", "fc1x32", "--dataset", "synthetic", "--samples", "2", "--epochs", "3"],
         ["run", "fig1", "--scale", "smoke"],
+        ["run", "fig1", "--scale", "smoke", "--methods", "lr-finder", "--curvature-every", "1"],
+        ["demo", "--epochs", "2"],
     ],
-    ids=["lr", "run-fig1"],
+    ids=["lr", "run-fig1", "run-fig1-lr-finder-curvature", "demo"],
 )
 def test_device_cli(tmp_path, shared_data, command):
-    extra = ["--out", str(tmp_path / "out")] if command[0] == "run" else []
+    extra = ["--out", str(tmp_path / "out")] if command[0] in ("run", "demo") else []
+    data = ["--data-dir", str(shared_data)] if command[0] != "demo" else []
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exactlr",
-            *command,
-            *extra,
-            "--data-dir",
-            str(shared_data),
-            "--device",
-            DEVICE,
-        ],
+        [sys.executable, "-m", "exactlr", *command, *extra, *data, "--device", DEVICE, "--quiet"],
         capture_output=True,
         text=True,
         timeout=600,
