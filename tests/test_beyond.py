@@ -3,6 +3,7 @@ schedulers, costs, the curvature along the trajectory and the Gamma_t diagnostic
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -13,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from exactlr.cli import main
-from exactlr.data import ArrayDataset, synthetic_classification
+from exactlr.data import ArrayDataset, make_batches, synthetic_classification
 from exactlr.experiments import parse_methods, resolve_figure, run_figure
-from exactlr.lrfinder import lr_range_test, steepest_lr
+from exactlr.lrfinder import READ_EVERY, lr_range_test, steepest_lr
 from exactlr.report import HVP_GRADIENTS, beyond_verdicts, figure_report, format_markdown
 from exactlr.results import load_result, result_path, save_result
 from exactlr.schedules import (
@@ -95,8 +96,60 @@ def test_lr_range_test_leaves_model_and_counts_cost(data) -> None:
     assert res.lrs[0] == pytest.approx(1e-5)
     ratios = [b / a for a, b in zip(res.lrs, res.lrs[1:], strict=False)]
     assert all(r == pytest.approx((1.0 / 1e-5) ** (1 / 29)) for r in ratios)
+    assert not res.diverged
     assert res.gradient_equivalents == pytest.approx(res.steps * 40 / len(train))
     assert res.suggestion in res.lrs
+
+
+def _range_test_reference(model, train, *, batch_size, num_iter, start_lr, end_lr):
+    """The LR range test written out plainly: the loss read after every step."""
+    net = copy.deepcopy(model).train()
+    train = train.to("cpu", dtype=torch.float64)
+    opt = torch.optim.Adam(net.parameters(), lr=start_lr)
+    gen = torch.Generator().manual_seed(0)
+    lrs, raw, smoothed, best, batches = [], [], [], math.inf, []
+    for i in range(num_iter):
+        if not batches:
+            batches = list(make_batches(train, batch_size, shuffle=True, generator=gen))
+        x, y = batches.pop(0)
+        lr = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        lrs.append(lr)
+        raw.append(float(loss.detach()))
+        smoothed.append(raw[-1] if i == 0 else 0.05 * raw[-1] + 0.95 * smoothed[-1])
+        best = min(best, smoothed[-1])
+        if not math.isfinite(smoothed[-1]) or smoothed[-1] > 5 * best:
+            return lrs, raw, smoothed, True, i + 1
+    return lrs, raw, smoothed, False, num_iter
+
+
+@pytest.mark.parametrize(
+    ("end_lr", "num_iter"), [(1.0, 37), (1e3, 60)], ids=["no-divergence", "diverges"]
+)
+def test_lr_range_test_reads_losses_in_blocks_with_the_per_step_curve(data, end_lr, num_iter):
+    """Losses are read once per READ_EVERY steps; the curve, its cut at the first
+    divergent step and the suggestion are those of a read after every step."""
+    train, _ = data
+    model = _mlp()
+    res = lr_range_test(model, train, batch_size=40, num_iter=num_iter, end_lr=end_lr)
+    lrs, raw, smoothed, diverged, steps = _range_test_reference(
+        model, train, batch_size=40, num_iter=num_iter, start_lr=1e-7, end_lr=end_lr
+    )
+    assert diverged == (end_lr > 1)  # the second case does test the cut
+    assert res.diverged == diverged and res.steps == steps == len(res.lrs)
+    assert res.lrs == pytest.approx(lrs, rel=1e-12)
+    assert res.raw_losses == pytest.approx(raw, rel=1e-9)
+    assert res.losses == pytest.approx(smoothed, rel=1e-9)
+    # The cost counts the steps computed past the divergence before it was read.
+    computed = res.gradient_equivalents * len(train) / 40
+    assert steps <= round(computed) <= min(steps + READ_EVERY - 1, num_iter)
+    if diverged:
+        assert steps < num_iter
 
 
 def test_lr_range_test_bad_input(data) -> None:

@@ -34,6 +34,7 @@ import exactlr
 from exactlr.curvature import hessian_spectral_norm, lanczos, lanczos_batched
 from exactlr.data import ArrayDataset, make_batches, synthetic_classification
 from exactlr.grid import train_grid
+from exactlr.lrfinder import READ_EVERY, lr_range_test
 from exactlr.models import build_model
 from exactlr.schedules import MethodSpec
 from exactlr.smoothness import estimate_smoothness
@@ -240,6 +241,18 @@ def test_batched_lanczos_reads_the_host_once_per_batched_product():
         return sum(recorder.device_syncs().values())
 
     assert reads(20) - reads(10) == 10
+
+
+def test_lr_range_test_reads_the_losses_once_per_block_of_steps(data):
+    train, _ = data
+
+    def reads(num_iter: int) -> int:
+        with HostReads() as recorder:
+            res = lr_range_test(_model(), train, batch_size=40, num_iter=num_iter, end_lr=1e-2)
+        assert res.steps == num_iter and not res.diverged
+        return recorder.device_syncs().get("exactlr.lrfinder:lr_range_test", 0)
+
+    assert reads(4 * READ_EVERY) - reads(2 * READ_EVERY) == 2
 
 
 @pytest.mark.parametrize("hvp_mode", ["reverse", "forward"])

@@ -18,7 +18,10 @@ from `exactlr.data.make_batches` with a seeded generator.
 
 Cost: `steps` optimizer steps on batches of `batch_size` samples, i.e.
 `steps * batch_size / N` gradient-equivalents (one = a gradient over all N training
-samples); training then restarts from w0.
+samples); training then restarts from w0. The losses stay on the device and are read on
+the host once every `READ_EVERY` steps (on a GPU, no stall after every step); the curve
+is cut at the first divergent step, as a read after every step would cut it, and the
+at most `READ_EVERY - 1` steps computed past it are counted in the cost.
 
 Example:
     >>> lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
@@ -38,13 +41,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from exactlr.allocator import keep_freed_memory
 from exactlr.curvature import LossFn
 from exactlr.data import ArrayDataset, make_batches
 
 __all__ = ["RangeTestResult", "lr_range_test", "steepest_lr"]
+
+# Steps between two reads of the losses on the host (one device-to-host copy each).
+READ_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,8 @@ class RangeTestResult:
         raw_losses: The unsmoothed mini-batch losses.
         steps: Optimizer steps taken (fewer than `num_iter` when it stopped early).
         diverged: Whether the test stopped on `diverge_th`.
-        gradient_equivalents: Cost, `steps * batch_size / N`.
+        gradient_equivalents: Cost, `steps * batch_size / N` (plus the steps computed
+            past a divergence before its loss was read: at most `READ_EVERY - 1`).
         seconds: Wall time.
     """
 
@@ -193,24 +200,34 @@ def lr_range_test(
     best = math.inf
     diverged = False
     batches: list = []
-    while len(lrs) < num_iter:
+    step_lrs: list[float] = []
+    pending: list[Tensor] = []  # losses on the device, not read yet
+    while len(step_lrs) < num_iter and not diverged:
         if not batches:
             batches = list(make_batches(data, size, shuffle=True, generator=generator))
         x, y = batches.pop(0)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(net(x), y)
         loss.backward()
-        lrs.append(float(optimizer.param_groups[0]["lr"]))
+        step_lrs.append(float(optimizer.param_groups[0]["lr"]))
         optimizer.step()
         scheduler.step()
-        value = float(loss.detach())
-        raw.append(value)
-        value = value if not smoothed else smooth_f * value + (1 - smooth_f) * smoothed[-1]
-        smoothed.append(value)
-        best = min(best, value)
-        if not math.isfinite(value) or value > diverge_th * best:
-            diverged = True
-            break
+        pending.append(loss.detach())
+        if len(pending) < READ_EVERY and len(step_lrs) < num_iter:
+            continue
+        # One device-to-host copy per READ_EVERY steps; the curve is cut at the first
+        # divergent step, so it is the one a read after every step gives.
+        first = len(lrs)
+        for offset, value in enumerate(torch.stack(pending).double().tolist()):
+            lrs.append(step_lrs[first + offset])
+            raw.append(value)
+            value = value if not smoothed else smooth_f * value + (1 - smooth_f) * smoothed[-1]
+            smoothed.append(value)
+            best = min(best, value)
+            if not math.isfinite(value) or value > diverge_th * best:
+                diverged = True
+                break
+        pending.clear()
     suggestion = steepest_lr(lrs, smoothed, skip_start=skip_start, skip_end=skip_end)
     return RangeTestResult(
         suggestion=suggestion,
@@ -219,6 +236,6 @@ def lr_range_test(
         raw_losses=raw,
         steps=len(lrs),
         diverged=diverged,
-        gradient_equivalents=len(lrs) * size / len(train),
+        gradient_equivalents=len(step_lrs) * size / len(train),
         seconds=time.perf_counter() - start,
     )
