@@ -132,6 +132,8 @@ def bench_model(name: str, args: argparse.Namespace, train, test) -> None:
     ]
     if not args.metrics_only:
         time_grid(name, cfgs, model, train, test, args)
+    if args.metrics_reps == 0:
+        return
     bare, full, ratio = metrics_overhead(cfgs, model, train, test, args.metrics_reps)
     print(
         f"metrics overhead ({name}): grid epoch with metrics {full:.2f} s  "
@@ -198,7 +200,9 @@ def main() -> None:
     parser.add_argument(
         "--compare-vmap", action="store_true", help="also time the grid's vmap path"
     )
-    parser.add_argument("--metrics-reps", type=int, default=5, help="metrics overhead pairs")
+    parser.add_argument(
+        "--metrics-reps", type=int, default=5, help="metrics overhead pairs (0: skip)"
+    )
     parser.add_argument(
         "--metrics-only", action="store_true", help="only the metrics overhead, no timing runs"
     )
@@ -209,6 +213,8 @@ def main() -> None:
         ),
     )
     args = parser.parse_args()
+    if args.metrics_reps < 0 or (args.metrics_only and args.metrics_reps == 0):
+        parser.error(f"--metrics-reps {args.metrics_reps}: use 0 (skip) or a positive count")
     torch.set_num_threads(args.threads)
     train, test = load_dataset("mnist", subset="mini", data_dir=args.data_dir)
     print(
