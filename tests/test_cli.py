@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,38 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "fig1" in out and "fig16" in out and "init" in out and "paper:" in out
+
+
+def _lr_json(capsys: pytest.CaptureFixture[str], *extra: str) -> dict:
+    args = ["lr", "--model", "fc1x32", "--samples", "3", "--epochs", "5", "--json", *extra]
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_lr_json_is_the_formula_of_its_own_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _lr_json(capsys)
+    assert out["k_hat"] == max(s["value"] for s in out["samples"])
+    assert out["total_steps"] == out["epochs"] * out["batches_per_epoch"] == 5
+    want = math.sqrt(2 * out["initial_loss"] / (out["k_hat"] * out["total_steps"]))
+    assert out["lr"] == pytest.approx(want, rel=1e-12)
+
+
+def test_lr_subsample_start_gives_the_same_lr_to_the_tolerance(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    plain = _lr_json(capsys)
+    fast = _lr_json(capsys, "--subsample", "0.2")
+    # Each K_hat sample is certified to --tol 1e-4 of its norm either way; the lr moves
+    # by half the relative change of K_hat.
+    assert fast["k_hat"] == pytest.approx(plain["k_hat"], rel=2e-4)
+    assert fast["lr"] == pytest.approx(plain["lr"], rel=1e-4)
+    assert fast["initial_loss"] == plain["initial_loss"]
+    # The subsample products are reported beside the full-data ones.
+    assert all(r["subsample_hvps"] > 0 for r in fast["samples"])
+    assert all(r["subsample_hvps"] == 0 for r in plain["samples"])
+    assert sum(r["num_hvps"] for r in fast["samples"]) < sum(
+        r["num_hvps"] for r in plain["samples"]
+    )
 
 
 def test_run_report_plot_fig1_smoke(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -72,6 +73,17 @@ def methods_arg(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def share_arg(text: str) -> float:
+    """argparse type: a share of the data, a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a share strictly between 0 and 1, got {text!r}")
+    return value
+
+
 def batch_size_arg(text: str) -> int | None:
     """argparse type: ``full`` (one batch: None) or a positive integer."""
     if text.lower() == "full":
@@ -124,6 +136,11 @@ def _cmd_lr(args: argparse.Namespace) -> int:
     from exactlr.models import build_model
     from exactlr.stepsize import suggest_lr
 
+    if args.subsample is not None and args.method != "lanczos":
+        raise UsageError(
+            f"--subsample {args.subsample:g} needs --method lanczos (got --method "
+            f"{args.method}); drop --subsample or use lanczos"
+        )
     device = resolve_device(args.device)
     train, _ = load_dataset(
         args.dataset, subset=args.subset, data_dir=args.data_dir, seed=args.seed
@@ -145,6 +162,7 @@ def _cmd_lr(args: argparse.Namespace) -> int:
         method=args.method,
         tol=args.tol,
         patience=args.patience,
+        subsample=args.subsample,
     )
     est = suggestion.estimate
     if args.json:
@@ -169,11 +187,13 @@ def _cmd_lr(args: argparse.Namespace) -> int:
         f"model {args.model} ({args.init} init), data {args.dataset}/{args.subset} "
         f"({len(train)} samples), {len(batches)} batch(es) per epoch, device {device}"
     )
-    print("  sample  ||H||_2       lambda_max    lambda_min    HVPs  seconds")
+    sub = f"  HVPs on {args.subsample:.0%} of the data" if args.subsample is not None else ""
+    print(f"  sample  ||H||_2       lambda_max    lambda_min    HVPs  seconds{sub}")
     for r in est.records:
+        extra = f"  {r.subsample_hvps:>9}" if args.subsample is not None else ""
         print(
             f"  {r.index:>6}  {r.value:<12.6g}  {r.lambda_max:<12.6g}  {r.lambda_min:<12.6g}"
-            f"  {r.num_hvps:>4}  {r.seconds:7.2f}"
+            f"  {r.num_hvps:>4}  {r.seconds:7.2f}{extra}"
         )
     print(
         f"K_hat  = {suggestion.k_hat:.6g}  (max over {len(est.samples)} samples"
@@ -386,6 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--variant", default="full", choices=["full", "minibatch"])
     lr.add_argument("--method", default="lanczos", choices=["lanczos", "power"])
     lr.add_argument("--tol", type=float, default=1e-4)
+    lr.add_argument(
+        "--subsample",
+        type=share_arg,
+        default=None,
+        metavar="SHARE",
+        help="start each sample's Lanczos on the Hessian of this share of the data (e.g. "
+        "0.1), then finish on all of it to --tol: fewer full-data products (with the "
+        "minibatch variant: a share of each batch; needs --method lanczos)",
+    )
     lr.add_argument(
         "--patience",
         type=positive_int,

@@ -59,6 +59,8 @@ class SampleRecord:
         converged: Whether every solver run met its tolerance.
         seed: The seed the sample's weights were drawn with.
         loss: Full-data (or max mini-batch) loss at this sample.
+        subsample_hvps: Products with the subsample Hessian of the multi-fidelity start
+            (``subsample=``), each on that share of the data; not in ``num_hvps``.
     """
 
     index: int
@@ -70,6 +72,7 @@ class SampleRecord:
     converged: bool
     seed: int
     loss: float
+    subsample_hvps: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class _Evaluation:
     num_hvps: int
     converged: bool
     loss: float
+    subsample_hvps: int = 0
 
 
 def _evaluate_one(
@@ -141,17 +145,20 @@ def _evaluate_one(
     """``||H(w)||_2`` of one sample (max over batches for ``"minibatch"``)."""
     groups = [[b] for b in data] if variant == "minibatch" else [data]
     best = None
-    hvps, converged, loss = 0, True, -math.inf
+    hvps, sub_hvps, converged, loss = 0, 0, True, -math.inf
     solver_gen = torch.Generator().manual_seed(seed)
     for group in groups:
         res = hessian_spectral_norm(model, loss_fn, group, generator=solver_gen, **spectral_kwargs)
         hvps += res.num_hvps
+        sub_hvps += res.subsample_hvps
         converged = converged and res.converged
         loss = max(loss, res.loss)
         if best is None or res.value > best.value:
             best = res
     assert best is not None
-    return _Evaluation(best.value, best.lambda_max, best.lambda_min, hvps, converged, loss)
+    return _Evaluation(
+        best.value, best.lambda_max, best.lambda_min, hvps, converged, loss, sub_hvps
+    )
 
 
 #: The keywords of :func:`hessian_spectral_norm` that the batched path honours.
@@ -327,6 +334,7 @@ def estimate_smoothness(
                         converged=ev.converged,
                         seed=int(seed),
                         loss=ev.loss,
+                        subsample_hvps=ev.subsample_hvps,
                     )
                 )
                 previous = running[-1] if running else None
