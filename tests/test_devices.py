@@ -31,7 +31,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import exactlr
-from exactlr.curvature import hessian_spectral_norm, lanczos, lanczos_batched
+from exactlr.curvature import (
+    hessian_spectral_norm,
+    hessian_spectral_norms,
+    lanczos,
+    lanczos_batched,
+)
 from exactlr.data import ArrayDataset, make_batches, synthetic_classification
 from exactlr.grid import train_grid
 from exactlr.lrfinder import READ_EVERY, lr_range_test
@@ -278,6 +283,36 @@ def test_spectral_norm_reads_the_host_once_per_product(data, hvp_mode):
     few, many = reads(6), reads(12)
     grown = {k: many[k] - few.get(k, 0) for k in many if many[k] != few.get(k, 0)}
     assert grown == {"exactlr.curvature:_host_scalars": 6}
+
+
+def test_stacked_spectral_norms_read_the_host_once_per_batched_product(data):
+    """Algorithm 2's stacked samples: one read per vmapped product for all samples."""
+    train, _ = data
+    batches = make_batches(train.to("cpu", dtype=torch.float64), 40)
+
+    def reads(iters: int) -> dict[str, int]:
+        models = [_model_seeded(seed) for seed in range(3)]
+        with HostReads() as recorder:
+            results = hessian_spectral_norms(
+                models,
+                F.cross_entropy,
+                batches,
+                tol=1e-15,
+                max_iters=iters,
+                generators=[torch.Generator().manual_seed(seed) for seed in range(3)],
+            )
+        assert [r.num_hvps for r in results] == [iters] * 3
+        return recorder.device_syncs()
+
+    few, many = reads(6), reads(12)
+    grown = {k: many[k] - few.get(k, 0) for k in many if many[k] != few.get(k, 0)}
+    assert grown == {"exactlr.curvature:_host_scalars": 6}
+
+
+def _model_seeded(seed: int) -> torch.nn.Module:
+    return build_model(
+        "fc2x16", dataset="synthetic", init="paper", generator=torch.Generator().manual_seed(seed)
+    ).double()
 
 
 def test_the_recorder_sees_a_read_where_there_is_one():
