@@ -157,9 +157,11 @@ def data() -> tuple[ArrayDataset, ArrayDataset]:
     return synthetic_classification(num_train=160, num_test=40, seed=0)
 
 
-def _model(name: str = "fc2x16", dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+def _model(
+    name: str = "fc2x16", dtype: torch.dtype = torch.float64, seed: int = 0
+) -> torch.nn.Module:
     return build_model(
-        name, dataset="synthetic", init="paper", generator=torch.Generator().manual_seed(0)
+        name, dataset="synthetic", init="paper", generator=torch.Generator().manual_seed(seed)
     ).to(dtype)
 
 
@@ -291,7 +293,7 @@ def test_stacked_spectral_norms_read_the_host_once_per_batched_product(data):
     batches = make_batches(train.to("cpu", dtype=torch.float64), 40)
 
     def reads(iters: int) -> dict[str, int]:
-        models = [_model_seeded(seed) for seed in range(3)]
+        models = [_model(seed=seed) for seed in range(3)]
         with HostReads() as recorder:
             results = hessian_spectral_norms(
                 models,
@@ -307,12 +309,6 @@ def test_stacked_spectral_norms_read_the_host_once_per_batched_product(data):
     few, many = reads(6), reads(12)
     grown = {k: many[k] - few.get(k, 0) for k in many if many[k] != few.get(k, 0)}
     assert grown == {"exactlr.curvature:_host_scalars": 6}
-
-
-def _model_seeded(seed: int) -> torch.nn.Module:
-    return build_model(
-        "fc2x16", dataset="synthetic", init="paper", generator=torch.Generator().manual_seed(seed)
-    ).double()
 
 
 def test_the_recorder_sees_a_read_where_there_is_one():

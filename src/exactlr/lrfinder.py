@@ -200,26 +200,26 @@ def lr_range_test(
     best = math.inf
     diverged = False
     batches: list = []
-    step_lrs: list[float] = []
-    pending: list[Tensor] = []  # losses on the device, not read yet
-    while len(step_lrs) < num_iter and not diverged:
+    computed = 0  # steps taken, including those past a divergence not read yet
+    pending: list[tuple[float, Tensor]] = []  # (lr, loss on the device) not read yet
+    while computed < num_iter and not diverged:
         if not batches:
             batches = list(make_batches(data, size, shuffle=True, generator=generator))
         x, y = batches.pop(0)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(net(x), y)
         loss.backward()
-        step_lrs.append(float(optimizer.param_groups[0]["lr"]))
+        pending.append((float(optimizer.param_groups[0]["lr"]), loss.detach()))
         optimizer.step()
         scheduler.step()
-        pending.append(loss.detach())
-        if len(pending) < READ_EVERY and len(step_lrs) < num_iter:
+        computed += 1
+        if len(pending) < READ_EVERY and computed < num_iter:
             continue
         # One device-to-host copy per READ_EVERY steps; the curve is cut at the first
         # divergent step, so it is the one a read after every step gives.
-        first = len(lrs)
-        for offset, value in enumerate(torch.stack(pending).double().tolist()):
-            lrs.append(step_lrs[first + offset])
+        values = torch.stack([t for _, t in pending]).double().tolist()
+        for (lr, _), value in zip(pending, values, strict=True):
+            lrs.append(lr)
             raw.append(value)
             value = value if not smoothed else smooth_f * value + (1 - smooth_f) * smoothed[-1]
             smoothed.append(value)
@@ -236,6 +236,6 @@ def lr_range_test(
         raw_losses=raw,
         steps=len(lrs),
         diverged=diverged,
-        gradient_equivalents=len(step_lrs) * size / len(train),
+        gradient_equivalents=computed * size / len(train),
         seconds=time.perf_counter() - start,
     )
