@@ -64,8 +64,8 @@ def worker(args: argparse.Namespace) -> None:
     from exactlr.curvature import HessianOperator, random_unit_vector, training_loss_mode
     from exactlr.data import load_dataset
     from exactlr.models import build_model
-    from exactlr.schedules import MethodSpec
-    from exactlr.training import TrainConfig, train_run
+    from exactlr.paper.schedules import MethodSpec
+    from exactlr.paper.training import TrainConfig, train_run
 
     torch.set_num_threads(args.threads)
     if args.state == "after":

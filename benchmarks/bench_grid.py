@@ -6,7 +6,7 @@ schedulers) from one w0, paper preset, float32, mini-MNIST capped to `--num-trai
 (sequential, grid, sequential, grid, ...) and the median time ratio is printed, with the
 largest relative difference of the final training losses (a sanity check, float32).
 `--compare-vmap` also times the grid with its generic vmap path instead of the folded
-layout (see `exactlr.grid._Stacked`), interleaved with the other two.
+layout (see `exactlr.paper.grid._Stacked`), interleaved with the other two.
 
 "metrics overhead": one grid epoch with metrics (step + full gradient + test pass, as
 `train_grid` does it) against one bare training epoch (the same batched steps, no metrics;
@@ -30,10 +30,10 @@ import torch
 
 from exactlr.allocator import keep_freed_memory
 from exactlr.data import ArrayDataset, load_dataset, make_batches
-from exactlr.grid import _full_pass, _Run, _set_grads, _stack, _Stacked, train_grid
 from exactlr.models import build_model
-from exactlr.schedules import MethodSpec, method_specs
-from exactlr.training import TrainConfig, _optimizer_step, train_run
+from exactlr.paper.grid import _full_pass, _Run, _set_grads, _stack, _Stacked, train_grid
+from exactlr.paper.schedules import MethodSpec, method_specs
+from exactlr.paper.training import TrainConfig, _optimizer_step, train_run
 
 
 def fig1_methods(ours_lr: float) -> list[MethodSpec]:

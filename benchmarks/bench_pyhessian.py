@@ -10,7 +10,7 @@ printed with the ratio ``PyHessian / ours``.
 * Ours best: ``subsample=0.1, target="norm"`` (multi-fidelity start from a 10%
   subsample Hessian, stop on the spectral norm's bound).
 * With ``--compare-rewrite``, also ours best with ``rewrite=False``: the products
-  without the exact rewrites of :mod:`exactlr.rewrites` (input shift, composite
+  without the exact rewrites of :mod:`exactlr.curvature.rewrites` (input shift, composite
   BatchNorm), to show what they buy in time and in float32 error.
 * With ``--compare-allocator``, also ours best with ``EXACTLR_KEEP_FREED_MEMORY=0``:
   glibc's default malloc settings (freed large blocks go back to the kernel and are
@@ -63,7 +63,7 @@ from exactlr.curvature import (
 )
 from exactlr.data import load_dataset
 from exactlr.models import build_model
-from exactlr.results import write_json_atomic
+from exactlr.paper.results import write_json_atomic
 
 RETURNED = "best, freed memory returned"  # ours best with glibc's default malloc settings
 KEPT = "pyhessian (memory kept)"  # PyHessian inside keep_freed_memory()

@@ -2,7 +2,7 @@
 
 For each case (dataset, architecture, number of images; paper preset, seed 0, one full
 batch), a float32 ``"reverse"``-mode product with ``rewrite=False`` (the model as given)
-and with ``rewrite=True`` (:mod:`exactlr.rewrites`: median input shift compensated in the
+and with ``rewrite=True`` (:mod:`exactlr.curvature.rewrites`: median input shift compensated in the
 first layer, composite BatchNorm) at the same random vector:
 
 * error: ``||Hv_32 - Hv_64|| / ||Hv_64||`` against the float64 product of a float64

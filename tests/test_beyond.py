@@ -15,11 +15,11 @@ from torch import nn
 
 from exactlr.cli import main
 from exactlr.data import ArrayDataset, make_batches, synthetic_classification
-from exactlr.experiments import parse_methods, resolve_figure, run_figure
-from exactlr.lrfinder import READ_EVERY, lr_range_test, steepest_lr
-from exactlr.report import HVP_GRADIENTS, beyond_verdicts, figure_report, format_markdown
-from exactlr.results import load_result, result_path, save_result
-from exactlr.schedules import (
+from exactlr.paper.experiments import parse_methods, resolve_figure, run_figure
+from exactlr.paper.lrfinder import READ_EVERY, lr_range_test, steepest_lr
+from exactlr.paper.report import HVP_GRADIENTS, beyond_verdicts, figure_report, format_markdown
+from exactlr.paper.results import load_result, result_path, save_result
+from exactlr.paper.schedules import (
     TUNED_LRS,
     MethodSpec,
     build_optimizer,
@@ -27,7 +27,7 @@ from exactlr.schedules import (
     paramfree_methods,
     tuned_methods,
 )
-from exactlr.training import (
+from exactlr.paper.training import (
     TrainConfig,
     adam_scales,
     gamma_negative_fraction,
@@ -236,7 +236,7 @@ def test_sharpness_against_dense_hessian(data) -> None:
 
 
 def test_curvature_every_is_validated() -> None:
-    from exactlr.training import validate_config
+    from exactlr.paper.training import validate_config
 
     with pytest.raises(ValueError, match="curvature_every=-1"):
         validate_config(_cfg(MethodSpec("c", "constant", 0.01), curvature_every=-1))

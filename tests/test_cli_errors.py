@@ -25,12 +25,12 @@ from exactlr.data import (
     make_batches,
     synthetic_classification,
 )
-from exactlr.experiments import resolve_figure, run_figure
 from exactlr.models import build_model
-from exactlr.results import load_result
-from exactlr.schedules import MethodSpec
+from exactlr.paper.experiments import resolve_figure, run_figure
+from exactlr.paper.results import load_result
+from exactlr.paper.schedules import MethodSpec
+from exactlr.paper.training import TrainConfig, train_run, validate_config
 from exactlr.stepsize import suggest_lr
-from exactlr.training import TrainConfig, train_run, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -38,13 +38,13 @@ from exactlr.curvature import (
     lanczos_batched,
 )
 from exactlr.data import ArrayDataset, make_batches, synthetic_classification
-from exactlr.grid import train_grid
-from exactlr.lrfinder import READ_EVERY, lr_range_test
 from exactlr.models import build_model
-from exactlr.schedules import MethodSpec
+from exactlr.paper.grid import train_grid
+from exactlr.paper.lrfinder import READ_EVERY, lr_range_test
+from exactlr.paper.schedules import MethodSpec
+from exactlr.paper.training import TrainConfig, train_run
 from exactlr.smoothness import estimate_smoothness
 from exactlr.stepsize import suggest_lr
-from exactlr.training import TrainConfig, train_run
 
 _PACKAGE = str(Path(exactlr.__file__).resolve().parent)
 # Operators that read a device value on the host (a GPU sync when the tensor is on one).
@@ -60,7 +60,7 @@ _HOST_READ_OPS = {
     "repeat_interleave",
 }
 # Reads of Adam's `step` counter: a CPU tensor unless Adam is capturable, so no GPU sync.
-_CPU_COUNTER_READS = {"torch.optim:_get_value", "exactlr.training:adam_scales"}
+_CPU_COUNTER_READS = {"torch.optim:_get_value", "exactlr.paper.training:adam_scales"}
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 # The device of the comparison tests; EXACTLR_TEST_DEVICE=cpu runs them on the CPU as a
@@ -257,7 +257,7 @@ def test_lr_range_test_reads_the_losses_once_per_block_of_steps(data):
         with HostReads() as recorder:
             res = lr_range_test(_model(), train, batch_size=40, num_iter=num_iter, end_lr=1e-2)
         assert res.steps == num_iter and not res.diverged
-        return recorder.device_syncs().get("exactlr.lrfinder:lr_range_test", 0)
+        return recorder.device_syncs().get("exactlr.paper.lrfinder:lr_range_test", 0)
 
     assert reads(4 * READ_EVERY) - reads(2 * READ_EVERY) == 2
 

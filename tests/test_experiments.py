@@ -1,4 +1,4 @@
-"""Tests for exactlr.experiments: figure specs, scales, shared runs, the runner, resume."""
+"""Tests for exactlr.paper.experiments: figure specs, scales, shared runs, the runner, resume."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from exactlr import experiments
-from exactlr.experiments import (
+from exactlr.paper import experiments
+from exactlr.paper.experiments import (
     FIGURES,
     SCALES,
     describe_scale,
@@ -18,9 +18,9 @@ from exactlr.experiments import (
     resolve_figure,
     run_figure,
 )
-from exactlr.plotting import plot_figure
-from exactlr.report import figure_report
-from exactlr.results import load_result
+from exactlr.paper.plotting import plot_figure
+from exactlr.paper.report import figure_report
+from exactlr.paper.results import load_result
 
 PAPER_TABLE = {  # PAPER.md section 3: model, subset, batch, groups, legend LR
     "fig1": ("fc3x1000", "mini", None, "schedulers", 0.045),

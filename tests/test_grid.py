@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from exactlr.data import ArrayDataset, synthetic_classification
-from exactlr.grid import train_grid
 from exactlr.models import build_model
-from exactlr.schedules import MethodSpec
-from exactlr.training import RunResult, TrainConfig, train_run
+from exactlr.paper.grid import train_grid
+from exactlr.paper.schedules import MethodSpec
+from exactlr.paper.training import RunResult, TrainConfig, train_run
 
 # The metrics train_grid computes (optional diagnostics added to EpochMetrics later keep
 # their defaults in a grid).
@@ -225,7 +225,7 @@ class _Residual(nn.Module):
 
 
 def _stacked_pair(model: nn.Module, k: int = 3):
-    from exactlr.grid import _Stacked
+    from exactlr.paper.grid import _Stacked
 
     folded = _Stacked(model, torch.device("cpu"))
     plain = _Stacked(model, torch.device("cpu"), fold=False)
@@ -293,7 +293,7 @@ def test_frozen_parameter_is_shared_by_the_folded_runs():
 
 
 def test_unsupported_models_fall_back_to_vmap(data):
-    from exactlr.grid import _foldable
+    from exactlr.paper.grid import _foldable
 
     assert not _foldable(_Residual())
     assert not _foldable(nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Tanh()))

@@ -1,4 +1,4 @@
-"""Tests for exactlr.plotting: figures drawn from hand-made result files."""
+"""Tests for exactlr.paper.plotting: figures drawn from hand-made result files."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from exactlr.plotting import plot_figure, plot_smoothness
-from exactlr.results import write_json_atomic
+from exactlr.paper.plotting import plot_figure, plot_smoothness
+from exactlr.paper.results import write_json_atomic
 from test_report import COSINE, LR01, OURS, write_manifest, write_run
 
 

@@ -18,18 +18,18 @@ from typing import Any
 import pytest
 import torch
 
-import exactlr.plotting
-import exactlr.training
-from exactlr import experiments
+import exactlr.paper.plotting
+import exactlr.paper.training
 from exactlr.cli import main
 from exactlr.data import synthetic_classification
-from exactlr.experiments import checkpoint_path, run_figure
 from exactlr.models import build_model
-from exactlr.plotting import plot_figure
-from exactlr.report import figure_report, format_markdown
-from exactlr.results import load_result, load_results, save_result
-from exactlr.schedules import MethodSpec
-from exactlr.training import EpochMetrics, TrainConfig, train_run
+from exactlr.paper import experiments
+from exactlr.paper.experiments import checkpoint_path, run_figure
+from exactlr.paper.plotting import plot_figure
+from exactlr.paper.report import figure_report, format_markdown
+from exactlr.paper.results import load_result, load_results, save_result
+from exactlr.paper.schedules import MethodSpec
+from exactlr.paper.training import EpochMetrics, TrainConfig, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,8 +159,8 @@ _KILL_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from exactlr.data import synthetic_classification
     from exactlr.models import build_model
-    from exactlr.schedules import MethodSpec
-    from exactlr.training import TrainConfig, train_run
+    from exactlr.paper.schedules import MethodSpec
+    from exactlr.paper.training import TrainConfig, train_run
 
     out, ckpt = sys.argv[1], sys.argv[2]
     train, test = synthetic_classification(num_train=200, num_test=50, seed=0)
@@ -247,7 +247,7 @@ def test_run_figure_resumes_from_a_checkpoint(
     plain = {r["name"]: r for r in load_results(tmp_path / "a")}
     # The second run is "killed" after epoch 5 (checkpoints at 2 and 4), then rerun.
     kwargs["out_dir"] = tmp_path / "b"
-    real_train = exactlr.training.train_run
+    real_train = exactlr.paper.training.train_run
     calls: list[str] = []
 
     def interrupted(cfg: TrainConfig, *args: Any, **kw: Any) -> Any:
@@ -257,7 +257,7 @@ def test_run_figure_resumes_from_a_checkpoint(
         return real_train(cfg, *args, **kw)
 
     with monkeypatch.context() as patch:
-        patch.setattr(exactlr.training, "train_run", interrupted)
+        patch.setattr(exactlr.paper.training, "train_run", interrupted)
         with pytest.raises(_Stop):
             run_figure("fig1", **kwargs, checkpoint_every=2)
     ckpts = list((tmp_path / "b" / "checkpoints").glob("*.pt"))
@@ -394,7 +394,7 @@ def test_diverging_method_in_a_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert f"| diverged at epoch {k} |" in text
 
     figures: list[Any] = []
-    monkeypatch.setattr(exactlr.plotting.plt, "close", figures.append)
+    monkeypatch.setattr(exactlr.paper.plotting.plt, "close", figures.append)
     plot_figure("fig2", out_dir=tmp_path, scale="smoke", formats=("png",))
     (fig,) = figures
     grad_ax = fig.axes[0]

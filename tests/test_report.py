@@ -1,4 +1,4 @@
-"""Tests for exactlr.report: verdicts on hand-made result files with known numbers."""
+"""Tests for exactlr.paper.report: verdicts on hand-made result files with known numbers."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from exactlr.report import count_jerks, figure_report, format_markdown
-from exactlr.results import SCHEMA_VERSION, write_json_atomic
-from exactlr.schedules import MethodSpec
-from exactlr.training import METRIC_FIELDS, TrainConfig
+from exactlr.paper.report import count_jerks, figure_report, format_markdown
+from exactlr.paper.results import SCHEMA_VERSION, write_json_atomic
+from exactlr.paper.schedules import MethodSpec
+from exactlr.paper.training import METRIC_FIELDS, TrainConfig
 
 OURS = MethodSpec("ours", "ours", 0.045)
 OURS_X2 = MethodSpec("ours_x2", "ours", 0.09)

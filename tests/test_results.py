@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exactlr.results import (
+from exactlr.paper.results import (
     SCHEMA_VERSION,
     environment_info,
     is_finished,
@@ -18,8 +18,8 @@ from exactlr.results import (
     save_result,
     write_json_atomic,
 )
-from exactlr.schedules import MethodSpec
-from exactlr.training import METRIC_FIELDS, EpochMetrics, RunResult, TrainConfig
+from exactlr.paper.schedules import MethodSpec
+from exactlr.paper.training import METRIC_FIELDS, EpochMetrics, RunResult, TrainConfig
 
 
 def _result(name: str = "ours", diverged: bool = False, seed: int = 0) -> RunResult:

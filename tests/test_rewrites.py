@@ -1,4 +1,4 @@
-"""Tests of exactlr.rewrites: the rewritten loss is the same function, in float64.
+"""Tests of exactlr.curvature.rewrites: the rewritten loss is the same function, in float64.
 
 The Hessian references are dense double-backward Hessians of the model *as given*
 (``tests.test_curvature.dense_hessian``, no rewrites), so each rewrite is checked
@@ -20,7 +20,7 @@ from exactlr.curvature import (
     hessian_spectral_norm,
     training_loss_mode,
 )
-from exactlr.rewrites import (
+from exactlr.curvature.rewrites import (
     CompositeBatchNorm,
     batch_norm_composite,
     data_shift,

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from exactlr.schedules import (
+from exactlr.paper.schedules import (
     CONSTANT_LRS,
     SCHEDULER_BASE_LR,
     SCHEDULERS,

@@ -13,8 +13,8 @@ from torch import nn
 
 from exactlr.data import ArrayDataset, make_batches, synthetic_classification
 from exactlr.models import build_model
-from exactlr.schedules import MethodSpec, ours_methods
-from exactlr.training import EpochMetrics, TrainConfig, train_run, validate_config
+from exactlr.paper.schedules import MethodSpec, ours_methods
+from exactlr.paper.training import EpochMetrics, TrainConfig, train_run, validate_config
 
 EPOCHS = 3
 

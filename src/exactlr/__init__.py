@@ -5,22 +5,20 @@
 with ``L(w0)`` the initial training loss, ``K_hat`` the loss's Lipschitz smoothness
 (largest Hessian spectral norm over random weight samples) and ``T`` the number of steps.
 
-Modules, data flowing one way (the layout of DESIGN.md, with two additions):
-``data``, ``models`` -> ``curvature`` -> ``smoothness`` -> ``stepsize`` ->
-``schedules``, ``lrfinder`` -> ``training``, ``grid`` -> ``experiments`` -> ``results``
--> ``plotting``, ``report`` -> ``cli`` (``distributed``: the Ray executor).
+Module map (data flows one way; nothing upstream imports anything downstream):
 
-- ``lrfinder`` (not in DESIGN.md): the LR range test, a baseline users pick instead of
-  this step size; its own module because it trains (like ``training``) but returns a
-  learning rate (like ``stepsize``), and neither should depend on the other.
-- ``allocator`` (not in DESIGN.md): a context manager that keeps glibc from unmapping
-  freed large blocks while exactlr's functions run (a full-batch product page-faulted
-  its intermediates in afresh otherwise); a utility below every other module.
-- ``grid`` (not in DESIGN.md): many runs of one architecture trained together in one
-  forward/backward pass (the runs' channels side by side, or ``torch.vmap`` for other
-  models); equal to ``training.train_run`` per run. The experiment runner keeps
-  the sequential ``train_run`` path because the grid measured slower on CPU
-  (docs/performance.md).
+- ``data``, ``models``: dataset readers, subsets, the synthetic set; the paper's networks
+  and weight re-drawing.
+- ``curvature``: the loss as a function of the weights, Hessian-vector products, the
+  solvers (Lanczos, power iteration) and ``hessian_spectral_norm``.
+- ``smoothness``: Algorithm 2, ``estimate_smoothness`` (K_hat over weight samples).
+- ``stepsize``: the formula ``exact_step_size`` and ``suggest_lr``.
+- ``allocator``: ``keep_freed_memory``, a utility below every other module.
+- ``integrations``: Lightning and Hugging Face Trainer callbacks (optional imports).
+- ``paper``: the reproduction harness (figures, scales, schedules, training, the LR
+  range test, results, report, plotting, the Ray executor).
+- ``cli``: the ``exactlr`` command.
+
 """
 
 from exactlr.allocator import keep_freed_memory

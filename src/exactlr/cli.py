@@ -65,7 +65,7 @@ def non_negative_int(text: str) -> int:
 
 def methods_arg(text: str) -> tuple[str, ...]:
     """argparse type: comma-separated method sets (``paper,parameter-free,...``)."""
-    from exactlr.experiments import parse_methods
+    from exactlr.paper.experiments import parse_methods
 
     try:
         return parse_methods(text)
@@ -246,7 +246,7 @@ def _no_results(figure: str, scale: str, out: str) -> None:
 
 
 def _check_figure(name: str, scale: str | None = None) -> None:
-    from exactlr.experiments import SCALES, figure_names
+    from exactlr.paper.experiments import SCALES, figure_names
 
     if name not in figure_names():
         raise UsageError(f"unknown figure {name!r}; valid figures: {', '.join(figure_names())}")
@@ -256,7 +256,7 @@ def _check_figure(name: str, scale: str | None = None) -> None:
 
 def _ray_runner(address: str | None):  # type: ignore[no-untyped-def]
     """The Ray executor's runner, or a one-line `UsageError` if Ray is missing."""
-    from exactlr.distributed import ray_available, ray_runner
+    from exactlr.paper.ray_executor import ray_available, ray_runner
 
     if not ray_available():
         raise UsageError(
@@ -267,7 +267,7 @@ def _ray_runner(address: str | None):  # type: ignore[no-untyped-def]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from exactlr.experiments import run_figure
+    from exactlr.paper.experiments import run_figure
 
     _check_figure(args.figure, args.scale)
     out = _out_dir(args.out, create=True)
@@ -305,7 +305,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from exactlr.plotting import plot_figure, plot_sharpness, plot_smoothness
+    from exactlr.paper.plotting import plot_figure, plot_sharpness, plot_smoothness
 
     _check_figure(args.figure, args.scale)
     out = _out_dir(args.out)
@@ -321,8 +321,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _write_report(figure: str, scale: str, out: str) -> tuple[dict, str, Path]:
-    from exactlr.report import figure_report, format_markdown
-    from exactlr.results import write_json_atomic
+    from exactlr.paper.report import figure_report, format_markdown
+    from exactlr.paper.results import write_json_atomic
 
     report = figure_report(figure, out_dir=out, scale=scale)
     text = format_markdown(report)
@@ -348,15 +348,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from exactlr.experiments import list_figures
+    from exactlr.paper.experiments import list_figures
 
     print(list_figures())
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from exactlr.experiments import run_figure
-    from exactlr.plotting import plot_figure, plot_smoothness
+    from exactlr.paper.experiments import run_figure
+    from exactlr.paper.plotting import plot_figure, plot_smoothness
 
     out = _out_dir(args.out, create=True)
     start = time.perf_counter()

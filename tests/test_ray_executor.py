@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from exactlr.experiments import run_figure
-from exactlr.results import is_finished, load_result
+from exactlr.paper.experiments import run_figure
+from exactlr.paper.results import is_finished, load_result
 
 ray = pytest.importorskip("ray")
 
-from exactlr.distributed import ray_runner  # noqa: E402
+from exactlr.paper.ray_executor import ray_runner  # noqa: E402
 
 
 def _strip_times(obj: Any) -> Any:
@@ -101,10 +101,10 @@ def test_cli_ray_executor_matches_local(
 def test_cli_ray_missing_is_one_line_exit_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import exactlr.distributed
+    import exactlr.paper.ray_executor
     from exactlr.cli import main
 
-    monkeypatch.setattr(exactlr.distributed, "ray_available", lambda: False)
+    monkeypatch.setattr(exactlr.paper.ray_executor, "ray_available", lambda: False)
     code = main(["run", "fig1", "--scale", "smoke", "--out", str(tmp_path), "--executor", "ray"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "needs Ray" in err

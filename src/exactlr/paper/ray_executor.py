@@ -1,7 +1,7 @@
 """Independent runs of a figure on Ray: one machine's cores or a cluster.
 
 :func:`ray_runner` returns a :class:`RayRunner`, a drop-in for
-:func:`exactlr.experiments.execute_run` in ``run_figure(..., runner=...)``. Each call
+:func:`exactlr.paper.experiments.execute_run` in ``run_figure(..., runner=...)``. Each call
 submits the run as a Ray task and returns at once with the path its result file will
 have; :meth:`RayRunner.wait` then collects the tasks as they finish.
 
@@ -12,7 +12,7 @@ and the result files are exactly those of the local executor. Every worker must 
 to import ``exactlr`` (install it on every node, or use a Ray ``runtime_env``).
 
 Example:
-    >>> from exactlr.experiments import run_figure                # doctest: +SKIP
+    >>> from exactlr.paper.experiments import run_figure                # doctest: +SKIP
     >>> runner = ray_runner(None, num_cpus=2)                     # doctest: +SKIP
     >>> try:                                                      # doctest: +SKIP
     ...     run_figure("fig1", scale="smoke", out_dir="results", runner=runner)
@@ -48,7 +48,7 @@ def _run_in_tmp(
 
     The large inputs are positional so that Ray resolves their object references.
     """
-    from exactlr.experiments import execute_run
+    from exactlr.paper.experiments import execute_run
 
     files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="exactlr-ray-") as tmp:
@@ -102,7 +102,7 @@ class RayRunner:
         **kwargs: Any,
     ) -> Path:
         """Submits one run (``execute_run``'s signature); returns its result path."""
-        from exactlr.results import result_path
+        from exactlr.paper.results import result_path
 
         if "device" in kwargs:
             kwargs["device"] = str(kwargs["device"])
@@ -130,7 +130,7 @@ class RayRunner:
             Whatever a run raised (runs finished before it are written, so rerunning
             resumes).
         """
-        from exactlr.results import write_bytes_atomic
+        from exactlr.paper.results import write_bytes_atomic
 
         done = 0
         while self._pending:

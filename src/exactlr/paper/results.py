@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from exactlr.training import (
+from exactlr.paper.training import (
     METRIC_FIELDS,
     OPTIONAL_METRIC_FIELDS,
     REQUIRED_METRIC_FIELDS,

@@ -1,8 +1,8 @@
 """Verdict tables for a figure, read from its result files only.
 
 A figure's runs are listed in its manifest ``out_dir/figures/<name>-<scale>.json``
-(written by :func:`exactlr.experiments.run_figure`); each run is one result file
-(:mod:`exactlr.results`). :func:`figure_report` turns them into one table per row of the
+(written by :func:`exactlr.paper.experiments.run_figure`); each run is one result file
+(:mod:`exactlr.paper.results`). :func:`figure_report` turns them into one table per row of the
 figure (per variation) and plain verdicts on the paper's claims:
 
 * ``ours_lowest_final_grad_norm``: ours ends with a strictly lower gradient norm (the
@@ -85,7 +85,7 @@ def _label(data: dict[str, Any]) -> str:
     extra = data.get("extra") or {}
     if extra.get("label"):
         return str(extra["label"])
-    from exactlr.schedules import MethodSpec
+    from exactlr.paper.schedules import MethodSpec
 
     return MethodSpec.from_dict(data["config"]["method"]).label
 
@@ -102,14 +102,14 @@ def load_figure_runs(
 
     Returns:
         ``(manifest, runs, missing)``: each run is the manifest entry merged with
-        ``"result"`` (the :func:`exactlr.results.load_result` dict), ``"label"`` and
+        ``"result"`` (the :func:`exactlr.paper.results.load_result` dict), ``"label"`` and
         ``"legend"``; ``missing`` lists the run names without a finished result file.
 
     Raises:
         FileNotFoundError: The figure has not been run at this scale in ``out_dir``.
         ValueError: A manifest or result file is corrupt.
     """
-    from exactlr.results import load_result
+    from exactlr.paper.results import load_result
 
     root = Path(out_dir)
     manifest = _manifest(root, name, scale)
@@ -212,7 +212,7 @@ def _add_costs(methods: list[dict[str, Any]], estimation: dict[str, float]) -> N
 def _tuned_entries(methods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One "tuned" entry per scheduler run at several base LRs: its best run (by final
     gradient norm), costed with all of its runs."""
-    from exactlr.schedules import SCHEDULERS, MethodSpec
+    from exactlr.paper.schedules import SCHEDULERS, MethodSpec
 
     tuned = []
     for name in SCHEDULERS:

@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
-from exactlr.report import load_figure_runs
+from exactlr.paper.report import load_figure_runs
 
 __all__ = ["PANELS", "plot_figure", "plot_sharpness", "plot_smoothness"]
 

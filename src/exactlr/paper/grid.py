@@ -2,12 +2,12 @@
 
 A figure compares K runs (8-15) of one architecture from the same initial weights w0 that
 differ only in their LR method (and possibly Adam's betas / eps). `train_grid` trains them
-side by side and returns, for every config, what `exactlr.training.train_run` returns for
+side by side and returns, for every config, what `exactlr.paper.training.train_run` returns for
 it alone (same metrics up to floating-point rounding, except `seconds`).
 
 How. Run k keeps its own leaf tensors w^(k) (copies of w0), its own
 `torch.optim.Adam(w^(k), lr, betas, eps, weight_decay=0)` and its own scheduler from
-`exactlr.schedules.build_scheduler` (stepped after every batch for One Cycle, after every
+`exactlr.paper.schedules.build_scheduler` (stepped after every batch for One Cycle, after every
 epoch otherwise), exactly as `train_run` builds them. Only the forward and backward passes
 are batched: at each step the K runs' parameters are stacked, W[k] = w^(k), and
 
@@ -60,9 +60,9 @@ Example:
     >>> import torch
     >>> from exactlr.data import synthetic_classification
     >>> from exactlr.models import build_model
-    >>> from exactlr.schedules import MethodSpec
-    >>> from exactlr.training import TrainConfig
-    >>> from exactlr.grid import train_grid
+    >>> from exactlr.paper.schedules import MethodSpec
+    >>> from exactlr.paper.training import TrainConfig
+    >>> from exactlr.paper.grid import train_grid
     >>> train, test = synthetic_classification(num_train=200, num_test=50)
     >>> model = build_model("fc1x32", dataset="synthetic", generator=torch.Generator())
     >>> cfgs = [TrainConfig("synthetic", "mini", "fc1x32", MethodSpec(f"c{lr}", "constant", lr),
@@ -87,8 +87,8 @@ from torch.func import functional_call, replace_all_batch_norm_modules_
 
 from exactlr.allocator import keep_freed_memory
 from exactlr.data import ArrayDataset, make_batches
-from exactlr.schedules import build_scheduler
-from exactlr.training import (
+from exactlr.paper.schedules import build_scheduler
+from exactlr.paper.training import (
     EVAL_CHUNK,
     EpochMetrics,
     RunResult,

@@ -334,7 +334,7 @@ def build_optimizer(
     - "dadapt_adam": `dadaptation.DAdaptAdam(lr=1.0)`;
     - "schedulefree_adamw": `schedulefree.AdamWScheduleFree(lr=0.0025)`. It has two
       points: call `optimizer.train()` before training steps and `optimizer.eval()`
-      before evaluating (`exactlr.training.train_run` does).
+      before evaluating (`exactlr.paper.training.train_run` does).
 
     Raises:
         ImportError: The optimizer's package is missing (names the extra to install).

@@ -37,8 +37,8 @@ Example:
     >>> import torch
     >>> from exactlr.data import synthetic_classification
     >>> from exactlr.models import build_model
-    >>> from exactlr.schedules import MethodSpec
-    >>> from exactlr.training import TrainConfig, train_run
+    >>> from exactlr.paper.schedules import MethodSpec
+    >>> from exactlr.paper.training import TrainConfig, train_run
     >>> train, test = synthetic_classification(num_train=200, num_test=50)
     >>> model = build_model("fc1x32", dataset="synthetic", generator=torch.Generator())
     >>> cfg = TrainConfig("synthetic", "mini", "fc1x32", MethodSpec("ours", "ours", 0.01),
@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from exactlr.allocator import keep_freed_memory
 from exactlr.curvature import hessian_spectral_norm, training_loss_mode
 from exactlr.data import ArrayDataset, make_batches, validate_labels
-from exactlr.schedules import MethodSpec, build_optimizer, build_scheduler, needs_train_eval
+from exactlr.paper.schedules import MethodSpec, build_optimizer, build_scheduler, needs_train_eval
 
 __all__ = [
     "EVAL_CHUNK",

@@ -18,7 +18,7 @@ Hessian-vector products ``H v`` are built with :mod:`torch.func` on a
 ``"auto"`` picks ``"reverse"`` when the estimated graph fits in a memory budget.
 
 Unless ``rewrite=False``, products are taken of an exactly equal rewrite of the loss
-(:mod:`exactlr.rewrites`): the data enter shifted by their median with the first layer
+(:mod:`exactlr.curvature.rewrites`): the data enter shifted by their median with the first layer
 compensating (less float32 cancellation), and in ``"reverse"`` mode training-mode
 BatchNorm is built from elementary ops (a cheaper double backward).
 
@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from exactlr.allocator import keep_freed_memory
-from exactlr.rewrites import data_shift, rewritten
+from exactlr.curvature.rewrites import data_shift, rewritten
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -631,7 +631,7 @@ class HessianOperator(_RewrittenBatches):
         hvp_mode: ``"forward"``, ``"reverse"`` or ``"auto"`` (see module docstring).
         memory_fraction: In ``"auto"``, the share of free memory the reusable graph may
             use before ``"forward"`` is chosen.
-        rewrite: Apply the exact rewrites of :mod:`exactlr.rewrites` (input shift of the
+        rewrite: Apply the exact rewrites of :mod:`exactlr.curvature.rewrites` (input shift of the
             first layer, composite BatchNorm in ``"reverse"`` mode): same function,
             less rounding and cheaper products. False: evaluate the model as given.
     """
@@ -666,7 +666,7 @@ class HessianOperator(_RewrittenBatches):
         self.num_products = 0
         self.hvp_mode = self._choose_mode(memory_fraction) if hvp_mode == "auto" else hvp_mode
         self._reverse_fn: Callable | None = None
-        # Exact rewrites (exactlr.rewrites): the data enter as x - c, the first layer adds
+        # Exact rewrites (exactlr.curvature.rewrites): the data enter as x - c, the first layer adds
         # A_W c back; in "reverse" mode BatchNorm is built from elementary ops.
         self.rewrite, self.network = rewrite, model
         self.shift = data_shift(model, [x for x, _ in batches]) if rewrite else None
@@ -1138,7 +1138,7 @@ def hessian_spectral_norm(
             ``"norm"``: only ``value`` is guaranteed to ``tol`` and the smaller end may be
             less accurate (see :func:`lanczos`). Lanczos only.
         rewrite: Exact rewrites of the loss for the products (see
-            :class:`HessianOperator` and :mod:`exactlr.rewrites`).
+            :class:`HessianOperator` and :mod:`exactlr.curvature.rewrites`).
 
     Returns:
         A :class:`SpectralNormResult`.
@@ -1150,7 +1150,7 @@ def hessian_spectral_norm(
     5,500 MNIST images a plain float32 product is 3.0e-3 off float64, and float32 Lanczos
     runs from different starts each stopped with a bound below 1e-9 at values 1.4e-3 to
     3.2e-3 from the float64 norm (12.397). With ``rewrite=True`` (the default) the input
-    shift of :mod:`exactlr.rewrites` removes that cancellation: the product is 1.2e-4
+    shift of :mod:`exactlr.curvature.rewrites` removes that cancellation: the product is 1.2e-4
     off, and the norm at ``tol=1e-3`` within 1e-3 of float64. For ``tol`` below ~1e-4,
     cast the model and data to float64 (``model.double()``; ~3x the time per product on
     a CPU). The step size needs far less: alpha ~ K^(-1/2) moves by half the relative

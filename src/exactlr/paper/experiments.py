@@ -44,8 +44,8 @@ import torch
 
 if TYPE_CHECKING:
     from exactlr.data import ArrayDataset
-    from exactlr.schedules import MethodSpec
-    from exactlr.training import TrainConfig
+    from exactlr.paper.schedules import MethodSpec
+    from exactlr.paper.training import TrainConfig
 
 __all__ = [
     "FIGURES",
@@ -73,7 +73,7 @@ SCALES: tuple[str, ...] = ("smoke", "cpu", "paper")
 GROUPS: tuple[str, ...] = ("ours", "schedulers", "constants")
 #: Method sets a figure can include (``exactlr run FIG --methods ...``): "paper" is the
 #: figure's own comparison; the others add the method group of that name (see
-#: :func:`exactlr.schedules.method_specs`).
+#: :func:`exactlr.paper.schedules.method_specs`).
 METHOD_SETS: dict[str, str | None] = {
     "paper": None,
     "parameter-free": "paramfree",
@@ -458,11 +458,11 @@ class PlannedRun:
         series: Legend prefix within the row, or None.
         group: Method group the method comes from (``"ours"``, ``"schedulers"``,
             ``"constants"``, ``"paramfree"``, ``"lr_finder"``, ``"tuned"``).
-        method: The method's name (as in :func:`exactlr.schedules.method_specs`).
+        method: The method's name (as in :func:`exactlr.paper.schedules.method_specs`).
         role: ``"ours"``, ``"ours_variant"`` (x2, /2), ``"scheduler"``, ``"constant"``,
             ``"paramfree"``, ``"lr_finder"`` or ``"tuned"`` (a scheduler at one base LR
             of the tuning grid).
-        config: The run's :class:`~exactlr.training.TrainConfig`; for methods that depend
+        config: The run's :class:`~exactlr.paper.training.TrainConfig`; for methods that depend
             on the ours LR its ``method.lr`` is a placeholder: use :meth:`resolve`.
         lr_key: Key of the ours-LR cache entry this run depends on.
         num_samples: Weight samples for K_hat.
@@ -502,7 +502,7 @@ _PLACEHOLDER_LR = 0.01
 
 
 def _group_methods(group: str, ours_lr: float, finder_lr: float | None = None) -> list[MethodSpec]:
-    from exactlr.schedules import method_specs
+    from exactlr.paper.schedules import method_specs
 
     if group == "lr_finder" and finder_lr is None:
         finder_lr = _PLACEHOLDER_LR  # planning: run names do not depend on it
@@ -593,7 +593,7 @@ def resolve_figure(
     Raises:
         ValueError: Unknown figure, scale or method set.
     """
-    from exactlr.training import TrainConfig
+    from exactlr.paper.training import TrainConfig
 
     spec = get_figure(name)
     _check_scale(scale)
@@ -718,7 +718,7 @@ def _compute_ours(
     import torch.nn.functional as F
 
     from exactlr.data import make_batches
-    from exactlr.results import write_json_atomic
+    from exactlr.paper.results import write_json_atomic
     from exactlr.stepsize import exact_step_size, suggest_lr
 
     path = _lr_cache_path(out_dir, plan.lr_key)
@@ -789,8 +789,8 @@ def _compute_finder(
 ) -> dict[str, Any]:
     """The LR range test's suggestion for ``plan``'s setting, cached in
     ``out_dir/lr_finder/<key>.json`` (it does not depend on the horizon T)."""
-    from exactlr.lrfinder import lr_range_test
-    from exactlr.results import write_json_atomic
+    from exactlr.paper.lrfinder import lr_range_test
+    from exactlr.paper.results import write_json_atomic
 
     key = _finder_key(plan.lr_key)
     path = out_dir / "lr_finder" / f"{key}.json"
@@ -870,8 +870,8 @@ def execute_run(
     Returns:
         The result file's path.
     """
-    from exactlr.results import result_path, save_result
-    from exactlr.training import train_run
+    from exactlr.paper.results import result_path, save_result
+    from exactlr.paper.training import train_run
 
     device = torch.device(device)
     finder = ours.get("finder") if plan.group == "lr_finder" else None
@@ -915,7 +915,7 @@ def execute_run(
 
 
 def _manifest_entry(plan: PlannedRun, out_dir: Path) -> dict[str, Any]:
-    from exactlr.results import result_path
+    from exactlr.paper.results import result_path
 
     return {
         "run_name": plan.run_name,
@@ -933,7 +933,7 @@ def _manifest_entry(plan: PlannedRun, out_dir: Path) -> dict[str, Any]:
 def _write_manifest(
     out_dir: Path, spec: FigureSpec, scale: str, seed: int, plans: Sequence[PlannedRun]
 ) -> Path:
-    from exactlr.results import write_json_atomic
+    from exactlr.paper.results import write_json_atomic
 
     path = manifest_path(out_dir, spec.name, scale)
     entries = [_manifest_entry(p, out_dir) for p in plans]
@@ -1029,7 +1029,7 @@ def run_figure(
             be created; a negative ``checkpoint_every``.
         FileNotFoundError: The data files are missing.
     """
-    from exactlr.results import is_finished, result_path
+    from exactlr.paper.results import is_finished, result_path
 
     if executor != "local":
         raise ValueError(f"unknown executor {executor!r}; valid executors: local")

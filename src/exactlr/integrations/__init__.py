@@ -1,0 +1,5 @@
+"""Integrations with the trainers people use (optional imports).
+
+- ``exactlr.integrations.lightning``: a Lightning ``Callback``.
+- ``exactlr.integrations.transformers``: a Hugging Face ``TrainerCallback``.
+"""
