@@ -7,10 +7,12 @@ with ``L(w0)`` the initial training loss, ``K_hat`` the loss's Lipschitz smoothn
 
 Module map (data flows one way; nothing upstream imports anything downstream):
 
-- ``data``, ``models``: dataset readers, subsets, the synthetic set; the paper's networks
-  and weight re-drawing.
-- ``curvature``: the loss as a function of the weights, Hessian-vector products, the
-  solvers (Lanczos, power iteration) and ``hessian_spectral_norm``.
+- ``datafiles``, ``data``, ``models``: dataset files (locations, parsing, downloads);
+  datasets, subsets, the synthetic set, batches; the paper's networks and weight
+  re-drawing.
+- ``curvature``: the loss as a function of the weights (``batches``), Hessian-vector
+  products (``operators``), the solvers (``solvers``: Lanczos, power iteration) and
+  ``hessian_spectral_norm`` (``spectral``).
 - ``smoothness``: Algorithm 2, ``estimate_smoothness`` (K_hat over weight samples).
 - ``stepsize``: the formula ``exact_step_size`` and ``suggest_lr``.
 - ``allocator``: ``keep_freed_memory``, a utility below every other module.

@@ -60,9 +60,11 @@ __all__ = [
 
 #: A "jerk": the gradient norm grows by more than this factor from one epoch to the next.
 JERK_FACTOR = 2.0
-#: Declared cost of one Hessian-vector product in gradients (Pearlmutter's trick: one
-#: extra forward-and-backward sweep). Measured ~3 on FC 3x1000 and LeNet with BatchNorm's
-#: double backward (docs/performance.md), so the measured seconds are the column to trust.
+#: Nominal cost of one Hessian-vector product in gradients: Pearlmutter's count (one
+#: extra forward-and-backward sweep), not a measurement. The measured cost depends on the
+#: model and the product mode and is higher with BatchNorm's double backward
+#: (``benchmarks/bench_curvature.py`` measures it), so ``cost_seconds`` is the column to
+#: trust.
 HVP_GRADIENTS = 2.0
 #: Roles of the paper's own methods (the paper's verdicts are over these only).
 PAPER_ROLES = ("ours", "ours_variant", "scheduler", "constant")
