@@ -286,8 +286,10 @@ def test_lanczos_not_converged_within_max_iters() -> None:
 )
 def test_power_iteration_on_known_spectrum(name: str, dominant: float) -> None:
     a = sym_matrix(SPECTRA[name])
+    # The residual stop: near_degenerate_top's pair (gap 1e-6) cannot be split, but
+    # every unit vector of it has a residual <= 1e-6, within tol * 10.
     lam, vec, num, converged = power_iteration(
-        lambda v: a @ v, start(len(SPECTRA[name])), tol=1e-10, max_iters=1000
+        lambda v: a @ v, start(len(SPECTRA[name])), tol=1e-7, max_iters=1000
     )
     assert converged and num <= 1000
     assert abs(lam - dominant) <= 1e-4 * abs(dominant)  # signed: negative curvature kept
@@ -424,6 +426,7 @@ def test_spectral_norm_matches_eigvalsh(setup: str, method: str, mode: str, monk
         max_iters=iters,
         generator=torch.Generator().manual_seed(0),
         hvp_mode=mode,
+        target="both",
     )
     assert_same_state(before, snapshot(model))
     assert res.converged

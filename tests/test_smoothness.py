@@ -70,6 +70,7 @@ def test_estimate_fields_and_dense_reference() -> None:
         generator=torch.Generator().manual_seed(0),
         tol=1e-6,
         target="both",  # certify lambda_min too: the default certifies only the norm
+        stop_below_max=False,  # every sample to tol, not only those that set the max
     )
     assert torch.equal(rng, torch.get_rng_state())
     assert len(est.samples) == len(est.records) == len(est.running_max) == 3
@@ -108,6 +109,7 @@ def test_minibatch_variant_is_max_over_batches() -> None:
         variant="minibatch",
         generator=torch.Generator().manual_seed(3),
         tol=1e-6,
+        stop_below_max=False,
         target="both",
     )
     assert est.variant == "minibatch"
@@ -165,6 +167,8 @@ def test_adaptive_stop_on_constant_weights() -> None:
         num_samples=10,
         patience=2,
         generator=torch.Generator().manual_seed(0),
+        tol=1e-6,
+        stop_below_max=False,
     )
     # Sample 0 sets the max; samples 1 and 2 do not grow it: stop after 3.
     assert est.stopped_early
@@ -234,7 +238,12 @@ def test_default_certifies_the_norm_only() -> None:
     # Algorithm 2 needs each sample's spectral norm: by default Lanczos stops on the
     # norm's error bound, with no more products than certifying both ends.
     data = batches()
-    kwargs = dict(num_samples=2, generator=torch.Generator().manual_seed(0), tol=1e-6)
+    kwargs = dict(
+        num_samples=2,
+        generator=torch.Generator().manual_seed(0),
+        tol=1e-6,
+        stop_below_max=False,
+    )
     fast = estimate_smoothness(make_model, F.cross_entropy, data, **kwargs)
     both = estimate_smoothness(make_model, F.cross_entropy, data, target="both", **kwargs)
     assert fast.num_hvps <= both.num_hvps
@@ -274,3 +283,24 @@ def test_an_unknown_option_is_named_with_the_valid_ones() -> None:
         estimate_smoothness(make_model, F.cross_entropy, batches(), colour="red")
     with pytest.raises(ValueError, match="options must be a SpectralOptions"):
         estimate_smoothness(make_model, F.cross_entropy, batches(), options={"tol": 1e-3})
+
+
+def test_stop_below_max_keeps_k_hat_and_says_what_it_certified() -> None:
+    # A sample whose norm is certified below the running max cannot change K_hat: its
+    # solver stops early and its record says so; K_hat is the same to tol.
+    data = batches()
+    kwargs = dict(num_samples=6, generator=torch.Generator().manual_seed(0), tol=1e-6)
+    cut = estimate_smoothness(make_model, F.cross_entropy, data, **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    every = estimate_smoothness(
+        make_model, F.cross_entropy, data, stop_below_max=False, **kwargs
+    )
+    assert cut.k_hat == pytest.approx(every.k_hat, rel=1e-5)
+    assert cut.num_hvps <= every.num_hvps
+    for a, b in zip(cut.records, every.records, strict=True):
+        assert a.value <= b.value * (1 + 1e-8)
+        if a.certified == "ceiling":
+            assert a.value <= cut.running_max[a.index - 1] and a.num_hvps <= b.num_hvps
+        else:
+            assert a.certified == "norm" and a.value == pytest.approx(b.value, rel=1e-5)
+    assert any(r.certified == "ceiling" for r in cut.records)

@@ -240,7 +240,9 @@ def test_default_make_model_on_foreign_module() -> None:
         torch.manual_seed(record.seed)
         sample = make()
     ref = hessian_spectral_norm(sample, F.cross_entropy, data, tol=1e-8)
-    assert math.isclose(record.value, ref.value, rel_tol=1e-3)
+    # Certified to the step size's default tolerance, from below (a Ritz value).
+    assert record.certified in ("norm", "ceiling")
+    assert ref.value * (1 - 1e-2) <= record.value <= ref.value * (1 + 1e-8)
 
 
 def test_default_make_model_uses_paper_preset_for_exactlr_models() -> None:

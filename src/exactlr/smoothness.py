@@ -67,6 +67,10 @@ class SampleRecord:
         loss: Full-data (or max mini-batch) loss at this sample.
         subsample_hvps: Products with the subsample Hessian of the multi-fidelity start
             (``subsample=``), each on that share of the data; not in ``num_hvps``.
+        certified: ``"norm"``: ``value`` is the spectral norm to ``tol``; ``"ceiling"``:
+            the solver stopped once the norm was certified to be at most the running
+            maximum before this sample (``stop_below_max``), so ``value`` is a lower
+            estimate and K_hat is unchanged by it; ``"both"``: both extremes to ``tol``.
     """
 
     index: int
@@ -79,6 +83,7 @@ class SampleRecord:
     seed: int
     loss: float
     subsample_hvps: int = 0
+    certified: str = "norm"
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,7 @@ class _Evaluation:
     converged: bool
     loss: float
     subsample_hvps: int = 0
+    certified: str = "norm"
 
 
 def _evaluate_one(
@@ -147,8 +153,14 @@ def _evaluate_one(
     variant: str,
     seed: int,
     options: SpectralOptions,
+    ceiling: float | None = None,
 ) -> _Evaluation:
-    """``||H(w)||_2`` of one sample (max over batches for ``"minibatch"``)."""
+    """``||H(w)||_2`` of one sample (max over batches for ``"minibatch"``).
+
+    ``ceiling``: the running maximum so far; a solver run may stop once its norm is
+    certified to be at most it (or the sample's best batch so far), since it cannot
+    change K_hat then.
+    """
     groups = [[b] for b in data] if variant == "minibatch" else [data]
     best = None
     hvps, sub_hvps, converged, loss = 0, 0, True, -math.inf
@@ -167,6 +179,7 @@ def _evaluate_one(
             subsample_tol=options.subsample_tol,
             target=options.target or "both",
             rewrite=options.rewrite,
+            ceiling=_ceiling(ceiling, best.value if best is not None else None, options),
         )
         hvps += res.num_hvps
         sub_hvps += res.subsample_hvps
@@ -176,8 +189,25 @@ def _evaluate_one(
             best = res
     assert best is not None
     return _Evaluation(
-        best.value, best.lambda_max, best.lambda_min, hvps, converged, loss, sub_hvps
+        best.value,
+        best.lambda_max,
+        best.lambda_min,
+        hvps,
+        converged,
+        loss,
+        sub_hvps,
+        best.certified,
     )
+
+
+def _ceiling(
+    running_max: float | None, best: float | None, options: SpectralOptions
+) -> float | None:
+    """The value below which a solver run cannot change K_hat (None: none yet, or off)."""
+    if not options.stop_below_max or options.method != "lanczos":
+        return None
+    known = [v for v in (running_max, best) if v is not None]
+    return max(known) if known else None
 
 
 def _evaluate_group(
@@ -206,7 +236,9 @@ def _evaluate_group(
         rewrite=options.rewrite,
     )
     return [
-        _Evaluation(r.value, r.lambda_max, r.lambda_min, r.num_hvps, r.converged, r.loss)
+        _Evaluation(
+            r.value, r.lambda_max, r.lambda_min, r.num_hvps, r.converged, r.loss, 0, r.certified
+        )
         for r in results
     ]
 
@@ -232,17 +264,28 @@ def _check_arguments(
         raise ValueError(f"sample_batch must be a positive integer, got {sample_batch=}")
 
 
+#: The relative tolerance of each sample's spectral norm in Algorithm 2 unless given.
+#: alpha ~ K^(-1/2) and the certified norm is a lower bound within ``tol``, so alpha is
+#: within ``tol / 2`` of the alpha of the exact norms of the same samples; the
+#: tolerance study of ``benchmarks/bench_lr_cost.py`` measures it against ``tol=1e-6``.
+LR_TOL = 1e-2
+
+
 def smoothness_options(options: SpectralOptions | None = None, **keywords: Any) -> SpectralOptions:
     """The spectral-norm options of Algorithm 2: ``options`` updated by ``keywords``.
 
     ``target`` defaults to ``"norm"`` with Lanczos: K_hat needs only each sample's
     spectral norm, so the solver stops on its error bound and leaves the smaller end of
-    the spectrum loose (fewer products when one end dominates).
+    the spectrum loose (fewer products when one end dominates). ``tol`` defaults to
+    :data:`LR_TOL` when neither ``options`` nor ``keywords`` give it: the accuracy the
+    step size needs, not the spectral norm's own default.
 
     Raises:
         ValueError: A keyword that is not an option (naming it and the valid ones) or a
             bad option value.
     """
+    if options is None and "tol" not in keywords:
+        keywords = {**keywords, "tol": LR_TOL}
     merged = SpectralOptions.from_keywords(options, **keywords)
     merged.validate()
     return merged.with_target("norm" if merged.method == "lanczos" else "both")
@@ -292,6 +335,7 @@ class _Trace:
                     seed=int(seed),
                     loss=ev.loss,
                     subsample_hvps=ev.subsample_hvps,
+                    certified=ev.certified,
                 )
             )
             self._update_running(ev.value)
@@ -419,7 +463,13 @@ def estimate_smoothness(
                 evaluations = _evaluate_group(models, loss_fn, data, seeds=chunk, options=opts)
             else:
                 one = _evaluate_one(
-                    models[0], loss_fn, data, variant=variant, seed=chunk[0], options=opts
+                    models[0],
+                    loss_fn,
+                    data,
+                    variant=variant,
+                    seed=chunk[0],
+                    options=opts,
+                    ceiling=trace.running[-1] if trace.running else None,
                 )
                 evaluations = [one]
             seconds = (time.perf_counter() - start) / len(chunk)

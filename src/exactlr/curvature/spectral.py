@@ -32,9 +32,10 @@ from exactlr.curvature.batches import (
 from exactlr.curvature.operators import HessianOperator, StackedHessianOperator
 from exactlr.curvature.solvers import (
     TARGETS,
+    EigenResult,
     lanczos,
     lanczos_batched,
-    power_iteration,
+    power_iteration_result,
     random_unit_vector,
 )
 
@@ -63,6 +64,10 @@ class SpectralOptions:
             ``"norm"`` for :func:`~exactlr.smoothness.estimate_smoothness` with Lanczos).
         rewrite: Exact rewrites of the loss for the products
             (:mod:`exactlr.curvature.rewrites`).
+        stop_below_max: Algorithm 2 only (Lanczos): stop a sample's solver as soon as
+            its norm is certified to be at most the running maximum of the samples
+            before it (it cannot change K_hat); its record is then a lower estimate
+            (``certified="ceiling"``). False: every sample to ``tol``.
     """
 
     method: str = "lanczos"
@@ -73,6 +78,7 @@ class SpectralOptions:
     subsample_tol: float = 1e-2
     target: str | None = None
     rewrite: bool = True
+    stop_below_max: bool = True
 
     @classmethod
     def from_keywords(
@@ -142,6 +148,11 @@ class SpectralNormResult:
         seconds: Wall time.
         subsample_hvps: Products with the subsample Hessian spent on the start vector
             (``subsample`` set; each costs about ``subsample`` of a full product).
+        certified: What ``converged`` and ``error_estimate`` are about: ``"both"``
+            (``lambda_max`` and ``lambda_min`` to ``tol`` times ``value``), ``"norm"``
+            (``value`` and the end that gives it; the other end is an estimate inside
+            the spectrum) or ``"ceiling"`` (only ``value <= ceiling``; ``value`` is then
+            a lower estimate of the norm).
     """
 
     value: float
@@ -155,6 +166,7 @@ class SpectralNormResult:
     error_estimate: float
     seconds: float
     subsample_hvps: int = 0
+    certified: str = "both"
 
 
 def hessian_spectral_norm(
@@ -169,8 +181,9 @@ def hessian_spectral_norm(
     hvp_mode: str = "auto",
     subsample: float | None = None,
     subsample_tol: float = 1e-2,
-    target: str = "both",
+    target: str | None = None,
     rewrite: bool = True,
+    ceiling: float | None = None,
 ) -> SpectralNormResult:
     """Spectral norm of the Hessian of the full-data loss at the model's weights.
 
@@ -200,12 +213,18 @@ def hessian_spectral_norm(
             (with BatchNorm its Hessian is of a different function, still a close one).
             None: a random start vector.
         subsample_tol: Relative tolerance of the subsample run.
-        target: ``"both"``: ``tol`` bounds both extremes (relative to the norm);
-            ``"norm"``: only ``value`` is guaranteed to ``tol`` and the smaller end may be
-            less accurate (see :func:`~exactlr.curvature.solvers.lanczos`). Lanczos only.
+        target: ``"norm"`` (the default with Lanczos): only ``value`` is certified to
+            ``tol`` and the smaller end is an estimate; ``"both"`` (the default and only
+            choice with power iteration): ``tol`` bounds both
+            extremes (relative to the norm), with a block of two start vectors, so that
+            the non-dominant end is not taken from a near neighbour of the extreme
+            eigenvalue (see :func:`~exactlr.curvature.solvers.lanczos`).
         rewrite: Exact rewrites of the loss for the products (see
             :class:`~exactlr.curvature.operators.HessianOperator` and
             :mod:`exactlr.curvature.rewrites`).
+        ceiling: Stop as soon as ``value`` is certified to be at most ``ceiling``
+            (``certified="ceiling"``; Lanczos only): Algorithm 2 passes its running
+            maximum, which a sample below it cannot change. None: no such stop.
 
     Returns:
         A :class:`SpectralNormResult`.
@@ -243,8 +262,10 @@ def hessian_spectral_norm(
         subsample_tol=subsample_tol,
         target=target,
         rewrite=rewrite,
-    )
+    ).with_target("norm" if method == "lanczos" else "both")
     options.validate()
+    if ceiling is not None and not (method == "lanczos" and ceiling >= 0):
+        raise ValueError(f"ceiling must be None or >= 0 with method='lanczos', got {ceiling=}")
     start = time.perf_counter()
     device, _ = module_device_dtype(model)
     data = materialize_batches(batches, device)
@@ -256,21 +277,22 @@ def hessian_spectral_norm(
         if subsample is not None:
             v0, subsample_hvps = _subsample_start(op, v0, options, generator)
         try:
-            lam_max, lam_min, converged, error = _solve(op, v0, options, generator)
+            res = _solve(op, v0, options, generator, ceiling)
         finally:
             op.release()
     return SpectralNormResult(
-        value=max(abs(lam_max), abs(lam_min)),
-        lambda_max=lam_max,
-        lambda_min=lam_min,
+        value=res.spectral_norm,
+        lambda_max=res.lambda_max,
+        lambda_min=res.lambda_min,
         num_hvps=op.num_products,
-        converged=converged,
+        converged=res.converged,
         method=method,
         hvp_mode=op.hvp_mode,
         loss=loss,
-        error_estimate=error,
+        error_estimate=res.error_estimate,
         seconds=time.perf_counter() - start,
         subsample_hvps=subsample_hvps,
+        certified=res.certified,
     )
 
 
@@ -279,19 +301,37 @@ def _solve(
     v0: Tensor,
     options: SpectralOptions,
     generator: torch.Generator | None,
-) -> tuple[float, float, bool, float]:
-    """``(lambda_max, lambda_min, converged, error bound)`` of ``op`` from ``v0``."""
-    tol, max_iters = options.tol, options.max_iters
+    ceiling: float | None = None,
+) -> EigenResult:
+    """The extreme eigenvalues of ``op`` from ``v0`` (Lanczos or power iteration).
+
+    Lanczos with ``target="both"`` starts from the block ``[v0, z]`` with a second
+    random vector ``z``: the non-dominant end has no margin from the norm and is where
+    one start vector mistakes a near neighbour for the extreme eigenvalue
+    (``tests/test_solvers_reference.py``).
+    """
+    tol, max_iters, target = options.tol, options.max_iters, options.target or "both"
     if options.method == "lanczos":
-        target = options.target or "both"
-        res = lanczos(op, v0, max_iters=max_iters, tol=tol, target=target)
-        return res.lambda_max, res.lambda_min, res.converged, res.error_estimate
-    lam, _, _, ok1 = power_iteration(op, v0, max_iters=max_iters, tol=tol)
-    # The opposite end of the spectrum is the dominant eigenvalue of H - lam I.
+        if target == "both":
+            z = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
+            v0 = torch.stack([v0, z])
+        return lanczos(op, v0, max_iters=max_iters, tol=tol, target=target, ceiling=ceiling)
+    first = power_iteration_result(op, v0, max_iters=max_iters, tol=tol)
+    lam = first.lambda_max
+    # The opposite end of the spectrum is the dominant eigenvalue of H - lam I; its
+    # residual there is the residual of H at mu + lam, stopped relative to |lam|.
     v1 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
-    mu, _, _, ok2 = power_iteration(lambda v: op(v) - lam * v, v1, max_iters=max_iters, tol=tol)
-    other = mu + lam
-    return max(lam, other), min(lam, other), ok1 and ok2, tol * abs(lam)
+    second = power_iteration_result(
+        lambda v: op(v) - lam * v, v1, max_iters=max_iters, tol=tol, scale=abs(lam)
+    )
+    other = second.lambda_max + lam
+    return EigenResult(
+        max(lam, other),
+        min(lam, other),
+        first.num_matvecs + second.num_matvecs,
+        first.converged and second.converged,
+        max(first.error_estimate, second.error_estimate),
+    )
 
 
 def _subsample_start(
@@ -413,6 +453,7 @@ def hessian_spectral_norms(
             loss=loss,
             error_estimate=res.error_estimate,
             seconds=seconds,
+            certified=res.certified,
         )
         for res, loss in zip(results, losses, strict=True)
     ]
