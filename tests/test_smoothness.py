@@ -292,9 +292,7 @@ def test_stop_below_max_keeps_k_hat_and_says_what_it_certified() -> None:
     kwargs = dict(num_samples=6, generator=torch.Generator().manual_seed(0), tol=1e-6)
     cut = estimate_smoothness(make_model, F.cross_entropy, data, **kwargs)
     kwargs["generator"] = torch.Generator().manual_seed(0)
-    every = estimate_smoothness(
-        make_model, F.cross_entropy, data, stop_below_max=False, **kwargs
-    )
+    every = estimate_smoothness(make_model, F.cross_entropy, data, stop_below_max=False, **kwargs)
     assert cut.k_hat == pytest.approx(every.k_hat, rel=1e-5)
     assert cut.num_hvps <= every.num_hvps
     for a, b in zip(cut.records, every.records, strict=True):

@@ -406,7 +406,13 @@ def _add_lr_command(sub: Any) -> None:
     lr.add_argument("--samples", type=positive_int, default=10, help="weight samples N")
     lr.add_argument("--variant", default="full", choices=["full", "minibatch"])
     lr.add_argument("--method", default="lanczos", choices=["lanczos", "power"])
-    lr.add_argument("--tol", type=float, default=1e-4)
+    lr.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="relative accuracy of each sample's spectral norm (default: the step size's, "
+        "exactlr.smoothness.LR_TOL; see docs/performance.md)",
+    )
     lr.add_argument(
         "--subsample",
         type=share_arg,

@@ -277,18 +277,16 @@ def smoothness_options(options: SpectralOptions | None = None, **keywords: Any) 
     ``target`` defaults to ``"norm"`` with Lanczos: K_hat needs only each sample's
     spectral norm, so the solver stops on its error bound and leaves the smaller end of
     the spectrum loose (fewer products when one end dominates). ``tol`` defaults to
-    :data:`LR_TOL` when neither ``options`` nor ``keywords`` give it: the accuracy the
-    step size needs, not the spectral norm's own default.
+    :data:`LR_TOL` (when None): the accuracy the step size needs, not the spectral
+    norm's own default.
 
     Raises:
         ValueError: A keyword that is not an option (naming it and the valid ones) or a
             bad option value.
     """
-    if options is None and "tol" not in keywords:
-        keywords = {**keywords, "tol": LR_TOL}
     merged = SpectralOptions.from_keywords(options, **keywords)
     merged.validate()
-    return merged.with_target("norm" if merged.method == "lanczos" else "both")
+    return merged.with_target("norm" if merged.method == "lanczos" else "both").with_tol(LR_TOL)
 
 
 def _draw_models(
