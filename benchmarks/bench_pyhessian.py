@@ -35,6 +35,10 @@ PyHessian is not a dependency of exactlr: install it in a separate environment f
 script only (see benchmarks/README.md).
 
     python benchmarks/bench_pyhessian.py --models fc3x1000,lenet
+    python benchmarks/bench_pyhessian.py --models fc3x1000,lenet --seeds 0,1,2,3,4
+
+``--seeds``: the default calls of both libraries over several model seeds, the median
+time ratio at ours' error <= 1e-3 (``bench_seeds``).
 """
 
 from __future__ import annotations
@@ -259,6 +263,55 @@ def bench_model(name: str, x: torch.Tensor, y: torch.Tensor, args: argparse.Name
         summarise_to_accuracy(name, baselines, med, err, products, settings)
 
 
+def bench_seeds(name: str, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> None:
+    """Default calls over several model seeds: median time ratio PyHessian / ours.
+
+    Per seed: a float64 reference, then (interleaved, one each) ours as a user calls it,
+    ``hessian_spectral_norm(model, F.cross_entropy, [(x, y)], tol=1e-3)`` (defaults:
+    Lanczos, ``target="norm"``, random start), and PyHessian as its README calls it,
+    ``hessian(...).eigenvalues()`` (top_n=1, tol=1e-3), both inside
+    ``keep_freed_memory`` (the same allocator). Ours counts only where its error is
+    <= 1e-3; PyHessian's error is printed beside it (its default stop is no error bound).
+    """
+    ratios, rows = [], []
+    for seed in args.seeds:
+        model = build_model(
+            name, dataset="mnist", init="paper", generator=torch.Generator().manual_seed(seed)
+        )
+        key = f"{name}|n={len(x)}|seed={seed}|tol={args.ref_tol:g}|m={args.ref_products}"
+        norm, lam_max, _ = reference(
+            model, x, y, args.ref_tol, args.ref_cache, f"{key}|{args.ref_dtype}",
+            args.ref_products, getattr(torch, args.ref_dtype),
+        )  # fmt: skip
+        model = model.to(x.dtype)
+        with keep_freed_memory():
+            start = time.perf_counter()
+            res = hessian_spectral_norm(
+                model, F.cross_entropy, [(x, y)], tol=1e-3,
+                generator=torch.Generator().manual_seed(1000 + seed),
+            )  # fmt: skip
+            ours = time.perf_counter() - start
+            start = time.perf_counter()
+            top, count = run_pyhessian(model, x, y, seed=1000 + seed)
+            theirs = time.perf_counter() - start
+        ours_err, their_err = abs(res.value - norm) / norm, abs(top - lam_max) / abs(lam_max)
+        rows.append((ours_err, their_err))
+        if ours_err <= 1e-3:
+            ratios.append(theirs / ours)
+        print(
+            f"  {name} seed {seed}: ours {ours:.1f} s ({res.num_hvps} products, err "
+            f"{ours_err:.1e}), pyhessian default {theirs:.1f} s ({count} products, err "
+            f"{their_err:.1e}), ratio {theirs / ours:.2f}"
+        )
+    worst = max(r[0] for r in rows), max(r[1] for r in rows)
+    median = f"{statistics.median(ratios):.2f}" if ratios else "n/a"
+    print(
+        f"{name}: default calls over {len(args.seeds)} seeds: median ratio pyhessian/ours "
+        f"{median} ({len(ratios)} seeds with ours err <= 1e-3; ours max err {worst[0]:.1e}, "
+        f"pyhessian max err {worst[1]:.1e})"
+    )
+
+
 def summarise_to_accuracy(
     name: str,
     baselines: dict[str, tuple[bool, float]],
@@ -323,6 +376,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-default", action="store_true", help="skip ours default")
     parser.add_argument(
+        "--seeds",
+        default=None,
+        help="comma list of model seeds: compare the default calls of both libraries, one "
+        "run each per seed, and print the median ratio (the other options then unused)",
+    )
+    parser.add_argument(
         "--compare-rewrite",
         action="store_true",
         help="also ours best with rewrite=False (no input shift, native BatchNorm)",
@@ -381,7 +440,11 @@ def main(argv: list[str] | None = None) -> None:
         f"mini-MNIST full batch of {n}; tol 1e-3; reps {args.reps} interleaved"
     )
     for name in args.models.split(","):
-        bench_model(name, x, y, args)
+        if args.seeds is not None:
+            args.seeds = [int(v) for v in str(args.seeds).split(",")]
+            bench_seeds(name, x, y, args)
+        else:
+            bench_model(name, x, y, args)
 
 
 if __name__ == "__main__":

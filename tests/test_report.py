@@ -191,3 +191,14 @@ def test_missing_runs_and_missing_figure(tmp_path: Path) -> None:
     assert rep["verdicts"]["ours_lowest_final_grad_norm"] is None
     with pytest.raises(FileNotFoundError, match="no runs of fig3"):
         figure_report("fig3", out_dir=tmp_path, scale="cpu")
+
+
+def test_estimation_cost_counts_products_at_their_measured_cost() -> None:
+    from exactlr.paper.report import _measured_gradients
+
+    # 100 training gradient-equivalents took 50 s: K_hat's 10 s are 20 of them,
+    # whatever the nominal count of its products (HVP_GRADIENTS per product).
+    run = {"training_gradients": 100.0, "training_seconds": 50.0}
+    assert _measured_gradients(run, {"seconds": 10.0, "gradients": 999.0}) == 20.0
+    # Without a time, the nominal count stands.
+    assert _measured_gradients(run, {"seconds": 0.0, "gradients": 7.0}) == 7.0

@@ -27,8 +27,10 @@ runs at the other LRs are its search cost and are listed under ``search_runs``.
 
 Cost (every method entry): ``cost_gradients``, in gradient-equivalents (one = one
 gradient of the training loss over the whole training set; a training epoch costs one),
-split in ``cost_breakdown`` into training, estimation (ours: K_hat, each Hessian-vector
-product counted as ``HVP_GRADIENTS`` gradients) and search (the LR finder's steps, a
+split in ``cost_breakdown`` into training, estimation (ours: K_hat's measured seconds in
+gradient-equivalents of the same run's training, so a Hessian-vector product counts at
+its measured cost; ``HVP_GRADIENTS`` gradients per product where no time was recorded)
+and search (the LR finder's steps, a
 tuned scheduler's other runs); and ``cost_seconds``, measured wall time of the same
 (training seconds include the per-epoch metrics, which every method pays alike).
 
@@ -139,7 +141,7 @@ def _add_costs(methods: list[dict[str, Any]], estimation: dict[str, float]) -> N
         breakdown = {"training": m["training_gradients"], "estimation": 0.0, "search": 0.0}
         seconds = m["training_seconds"]
         if m["role"] in ("ours", "ours_variant"):
-            breakdown["estimation"] = estimation.get("gradients", 0.0)
+            breakdown["estimation"] = _measured_gradients(m, estimation)
             seconds += estimation.get("seconds", 0.0)
         elif m["role"] == "lr_finder" and m.get("finder"):
             breakdown["search"] = float(m["finder"].get("gradient_equivalents", 0.0))
@@ -147,6 +149,16 @@ def _add_costs(methods: list[dict[str, Any]], estimation: dict[str, float]) -> N
         m["cost_breakdown"] = breakdown
         m["cost_gradients"] = sum(breakdown.values())
         m["cost_seconds"] = seconds
+
+
+def _measured_gradients(method: dict[str, Any], estimation: dict[str, float]) -> float:
+    """K_hat's cost in gradient-equivalents at its measured cost: its seconds over the
+    seconds of one gradient-equivalent of this run's training (a product costs what it
+    cost, not ``HVP_GRADIENTS``); the nominal count where a time is missing."""
+    seconds, train_s = estimation.get("seconds", 0.0), method.get("training_seconds", 0.0)
+    if seconds > 0 and train_s > 0 and method["training_gradients"] > 0:
+        return seconds * method["training_gradients"] / train_s
+    return estimation.get("gradients", 0.0)
 
 
 def _tuned_entries(methods: list[dict[str, Any]]) -> list[dict[str, Any]]:
