@@ -13,6 +13,7 @@ Module map (data flows one way; nothing upstream imports anything downstream):
   solvers (Lanczos, power iteration) and ``hessian_spectral_norm``.
 - ``smoothness``: Algorithm 2, ``estimate_smoothness`` (K_hat over weight samples).
 - ``stepsize``: the formula ``exact_step_size`` and ``suggest_lr``.
+- ``check``: the safety check of a step size (k Adam steps from w0, then the curvature).
 - ``allocator``: ``keep_freed_memory``, a utility below every other module.
 - ``integrations``: Lightning and Hugging Face Trainer callbacks (optional imports).
 - ``paper``: the reproduction harness (figures, scales, schedules, training, the LR
@@ -22,6 +23,7 @@ Module map (data flows one way; nothing upstream imports anything downstream):
 """
 
 from exactlr.allocator import keep_freed_memory
+from exactlr.check import CheckReport, check_step_size
 from exactlr.curvature import (
     EigenResult,
     HessianOperator,
@@ -37,6 +39,7 @@ from exactlr.stepsize import LRSuggestion, exact_step_size, suggest_lr
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckReport",
     "EigenResult",
     "HessianOperator",
     "LRSuggestion",
@@ -44,6 +47,7 @@ __all__ = [
     "SmoothnessEstimate",
     "SpectralNormResult",
     "__version__",
+    "check_step_size",
     "estimate_smoothness",
     "exact_step_size",
     "full_loss",

@@ -130,79 +130,9 @@ def add_common_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_lr(args: argparse.Namespace) -> int:
-    import torch.nn.functional as F
+    from exactlr.lr_command import run
 
-    from exactlr.data import load_dataset, make_batches
-    from exactlr.models import build_model
-    from exactlr.stepsize import suggest_lr
-
-    if args.subsample is not None and args.method != "lanczos":
-        raise UsageError(
-            f"--subsample {args.subsample:g} needs --method lanczos (got --method "
-            f"{args.method}); drop --subsample or use lanczos"
-        )
-    device = resolve_device(args.device)
-    train, _ = load_dataset(
-        args.dataset, subset=args.subset, data_dir=args.data_dir, seed=args.seed
-    )
-    batches = make_batches(train.to(device), args.batch_size)
-    generator = torch.Generator().manual_seed(args.seed)
-    model = build_model(args.model, dataset=args.dataset, init=args.init, generator=generator)
-    model = model.to(device)
-    total_steps = args.epochs * len(batches)
-    suggestion = suggest_lr(
-        model,
-        F.cross_entropy,
-        batches,
-        total_steps=total_steps,
-        num_samples=args.samples,
-        generator=generator,
-        progress=not args.quiet and not args.json,
-        variant=args.variant,
-        method=args.method,
-        tol=args.tol,
-        patience=args.patience,
-        subsample=args.subsample,
-    )
-    est = suggestion.estimate
-    if args.json:
-        payload = {
-            "lr": suggestion.lr,
-            "k_hat": suggestion.k_hat,
-            "initial_loss": suggestion.initial_loss,
-            "total_steps": suggestion.total_steps,
-            "epochs": args.epochs,
-            "batches_per_epoch": len(batches),
-            "model": args.model,
-            "dataset": args.dataset,
-            "subset": args.subset,
-            "num_train": len(train),
-            "variant": est.variant,
-            "stopped_early": est.stopped_early,
-            "samples": [r.__dict__ for r in est.records],
-        }
-        print(json.dumps(payload, indent=2))
-        return 0
-    print(
-        f"model {args.model} ({args.init} init), data {args.dataset}/{args.subset} "
-        f"({len(train)} samples), {len(batches)} batch(es) per epoch, device {device}"
-    )
-    sub = f"  HVPs on {args.subsample:.0%} of the data" if args.subsample is not None else ""
-    print(f"  sample  ||H||_2       lambda_max    lambda_min    HVPs  seconds{sub}")
-    for r in est.records:
-        extra = f"  {r.subsample_hvps:>9}" if args.subsample is not None else ""
-        print(
-            f"  {r.index:>6}  {r.value:<12.6g}  {r.lambda_max:<12.6g}  {r.lambda_min:<12.6g}"
-            f"  {r.num_hvps:>4}  {r.seconds:7.2f}{extra}"
-        )
-    print(
-        f"K_hat  = {suggestion.k_hat:.6g}  (max over {len(est.samples)} samples"
-        f"{', adaptive stop' if est.stopped_early else ''})"
-    )
-    print(f"L(w0)  = {suggestion.initial_loss:.6g}")
-    print(f"T      = {suggestion.total_steps}  ({args.epochs} epochs x {len(batches)} steps)")
-    print(f"lr     = sqrt(2 L(w0) / (K_hat T)) = {suggestion.lr:.6g}")
-    return 0
+    return run(args)
 
 
 # --------------------------------------------------------------------------------------
@@ -396,10 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     lr = sub.add_parser("lr", help="the exact step size for a model and data set")
-    lr.add_argument("--model", default="fc3x1000", help="fc{depth}x{width}, lenet or vgg9")
-    lr.add_argument("--dataset", default="synthetic", help="synthetic, mnist or cifar10")
-    lr.add_argument("--subset", default="mini", choices=["mini", "full"])
-    lr.add_argument("--init", default="paper", choices=["paper", "pytorch"])
+    lr.add_argument(
+        "--model",
+        default="fc3x1000",
+        help="fc{depth}x{width}, lenet, vgg9, or your factory: pkg.module:factory or "
+        "path/to/file.py:factory (factory() returns a freshly initialised model)",
+    )
+    lr.add_argument("--dataset", default=None, help="synthetic (default), mnist or cifar10")
+    lr.add_argument("--subset", default=None, choices=["mini", "full"], help="default: mini")
+    lr.add_argument(
+        "--init", default=None, choices=["paper", "pytorch"], help="built-in models; default: paper"
+    )
     lr.add_argument("--epochs", type=positive_int, default=100)
     lr.add_argument("--batch-size", type=batch_size_arg, default=None, metavar="full|N")
     lr.add_argument("--samples", type=positive_int, default=10, help="weight samples N")
@@ -423,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lr.add_argument("--json", action="store_true", help="machine-readable output")
     add_common_data_args(lr)
+    from exactlr.lr_command import add_user_code_args
+
+    add_user_code_args(lr)
     lr.set_defaults(func=_cmd_lr)
 
     scales = "smoke (seconds, plumbing only), cpu (reduced, laptop) or paper (full size)"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from exactlr.allocator import keep_freed_memory
+from exactlr.check import CheckReport, check_step_size
 from exactlr.curvature import Batch, LossFn, full_loss, materialize_batches
 from exactlr.smoothness import SmoothnessEstimate, estimate_smoothness
 
@@ -111,6 +112,8 @@ class LRSuggestion:
         initial_loss: ``L(w0)`` measured on the model to be trained.
         total_steps: ``T``.
         estimate: Algorithm 2's full result (per-sample values, running max).
+        check: The safety check's report when ``check_steps`` was given
+            (:func:`exactlr.check.check_step_size`), else None.
     """
 
     lr: float
@@ -118,6 +121,12 @@ class LRSuggestion:
     initial_loss: float
     total_steps: int
     estimate: SmoothnessEstimate = field(repr=False)
+    check: CheckReport | None = field(default=None, repr=False)
+
+    @property
+    def warning(self) -> str | None:
+        """The safety check's warning (the loss rose or the curvature grew), or None."""
+        return None if self.check is None else self.check.warning
 
 
 @keep_freed_memory()
@@ -131,6 +140,7 @@ def suggest_lr(
     num_samples: int = 10,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    check_steps: int = 0,
     **smoothness_kwargs: object,
 ) -> LRSuggestion:
     """The paper's learning rate for training ``model`` with Adam for ``total_steps``.
@@ -149,6 +159,10 @@ def suggest_lr(
         num_samples: Weight samples for K_hat.
         generator: Seeds the weight samples and solvers.
         progress: Show a progress bar during estimation.
+        check_steps: If positive, run the safety check: this many Adam steps at the
+            suggested LR on a copy of ``model``, then the loss and Hessian norm at the
+            end against ``L(w0)``, ``K_hat`` and ``2/lr`` (:func:`exactlr.check.check_step_size`);
+            the result's ``check`` and ``warning`` carry it.
         **smoothness_kwargs: Passed to :func:`estimate_smoothness` (``variant``,
             ``patience``, ``method``, ``tol``, ``max_iters``, ``hvp_mode``).
 
@@ -172,6 +186,11 @@ def suggest_lr(
             f"total_steps must be a positive integer (epochs x batches per epoch), "
             f"got {total_steps=}"
         )
+    if isinstance(check_steps, bool) or not isinstance(check_steps, int) or check_steps < 0:
+        raise ValueError(
+            f"check_steps must be an integer >= 0 (Adam steps of the safety check), "
+            f"got {check_steps=}"
+        )
     params = list(model.parameters())
     data = materialize_batches(batches, params[0].device if params else None)
     initial_loss = full_loss(model, loss_fn, data)
@@ -185,10 +204,24 @@ def suggest_lr(
         **smoothness_kwargs,
     )
     lr = exact_step_size(initial_loss, estimate.k_hat, total_steps)
+    check = None
+    if check_steps:
+        check = check_step_size(
+            model,
+            loss_fn,
+            data,
+            lr=lr,
+            k_hat=estimate.k_hat,
+            steps=check_steps,
+            initial_loss=initial_loss,
+            total_steps=total_steps,
+            generator=generator,
+        )
     return LRSuggestion(
         lr=lr,
         k_hat=estimate.k_hat,
         initial_loss=initial_loss,
         total_steps=total_steps,
         estimate=estimate,
+        check=check,
     )
