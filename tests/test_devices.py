@@ -142,8 +142,9 @@ class HostReads(TorchDispatchMode):
             if f"{Path('torch', 'optim')}" in path:
                 return f"torch.optim:{frame.f_code.co_name}"
             if path.startswith(_PACKAGE):
-                module = Path(path).stem
-                return f"exactlr.{module}:{frame.f_code.co_name}"
+                parts = Path(path).relative_to(_PACKAGE).with_suffix("").parts
+                module = ".".join(("exactlr", *parts)).removesuffix(".__init__")
+                return f"{module}:{frame.f_code.co_name}"
             frame = frame.f_back
         return "outside exactlr"
 
