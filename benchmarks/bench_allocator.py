@@ -6,11 +6,11 @@ inside one), repetitions interleaved, in three allocator states:
 * ``default``: glibc as a fresh process has it (dynamic mmap/trim thresholds; freed
   large blocks are unmapped and page-faulted in again). exactlr never calls ``mallopt``
   here (``EXACTLR_KEEP_FREED_MEMORY=0``).
-* ``after``: glibc as exactlr leaves it after one of its functions returned (mmap on
-  again, thresholds fixed at 32 MiB / 64 MiB: see :mod:`exactlr.allocator`); this is
+* ``after``: glibc as :func:`exactlr.allocator.keep_freed_memory` leaves it on exit (mmap
+  on again, thresholds fixed at 32 MiB / 64 MiB: see :mod:`exactlr.allocator`); this is
   what other code in the same process gets afterwards.
-* ``kept``: inside :func:`exactlr.allocator.keep_freed_memory` (what exactlr's own
-  functions run under).
+* ``kept``: inside :func:`exactlr.allocator.keep_freed_memory` (what the ``exactlr``
+  command runs under).
 
 Workloads (paper preset, seed 0, mini-MNIST, float32):
 
@@ -69,7 +69,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     if args.state == "after":
-        with keep_freed_memory():  # leaves glibc as exactlr's functions leave it
+        with keep_freed_memory():  # leaves glibc as its exit leaves it
             pass
     if args.state != "kept":
         os.environ[ENV_SWITCH] = "0"

@@ -24,9 +24,9 @@ printed with the ratio ``PyHessian / ours``.
   batch statistics: the same function as ours.
 * PyHessian, memory kept (unless ``--no-pyhessian-kept``): the same call inside
   :func:`exactlr.allocator.keep_freed_memory`, i.e. with the malloc settings that
-  exactlr's own functions use. It gets the same page-fault savings, so the ratio
-  against it compares the algorithms; the ratio against plain PyHessian is what a user
-  gets from each library as installed.
+  ours runs under here (as under the ``exactlr`` command). It gets the same page-fault
+  savings, so the ratio against it compares the algorithms; the ratio against plain
+  PyHessian is what a user gets from each library as installed.
 
 The reference is our Lanczos at ``--ref-tol`` (default 1e-8, up to ``--ref-products``
 = 120 products) from two other start vectors, the outermost Ritz values of the two, in
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exactlr.allocator import ENV_SWITCH, keep_freed_memory
+from exactlr.allocator import keep_freed_memory
 from exactlr.curvature import (
     HessianOperator,
     hessian_spectral_norm,
@@ -166,22 +166,6 @@ def run_pyhessian(
     return float(eigenvalues[0]), count
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str | None):  # type: ignore[no-untyped-def]
-    """Set (or, with ``None``, leave) an environment variable for the block."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-
-
 def bench_model(name: str, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> None:
     """Interleaved repetitions for one model; prints the summary lines."""
     model = build_model(
@@ -233,7 +217,7 @@ def bench_model(name: str, x: torch.Tensor, y: torch.Tensor, args: argparse.Name
         for label, kwargs in settings.items():
             gen = torch.Generator().manual_seed(1000 + rep)
             start = time.perf_counter()
-            with _env(ENV_SWITCH, "0" if label == RETURNED else None):
+            with contextlib.nullcontext() if label == RETURNED else keep_freed_memory():
                 res = hessian_spectral_norm(
                     model, F.cross_entropy, [(x, y)], generator=gen, **{"tol": 1e-3, **kwargs}
                 )

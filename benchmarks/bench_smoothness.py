@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, stack_module_state, vmap
 
+from exactlr.allocator import keep_freed_memory
 from exactlr.data import load_dataset
 from exactlr.models import build_model
 from exactlr.smoothness import estimate_smoothness
@@ -43,16 +44,17 @@ def bench_khat(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> No
         out = {}
         for label, kw in (("fixed", {}), ("adaptive", {"patience": patience})):
             start = time.perf_counter()
-            est = estimate_smoothness(
-                make_model,
-                F.cross_entropy,
-                [(x, y)],
-                num_samples=num,
-                generator=torch.Generator().manual_seed(0),
-                rel_tol=args.rel_tol,
-                tol=1e-3,
-                **kw,
-            )
+            with keep_freed_memory():  # as under the exactlr command
+                est = estimate_smoothness(
+                    make_model,
+                    F.cross_entropy,
+                    [(x, y)],
+                    num_samples=num,
+                    generator=torch.Generator().manual_seed(0),
+                    rel_tol=args.rel_tol,
+                    tol=1e-3,
+                    **kw,
+                )
             out[label] = (time.perf_counter() - start, est)
         (t_fix, fix), (t_ad, ad) = out["fixed"], out["adaptive"]
         print(

@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from exactlr.allocator import keep_freed_memory
 from exactlr.data import load_dataset
 from exactlr.models import build_model, count_parameters
 from exactlr.smoothness import SmoothnessEstimate, estimate_smoothness
@@ -48,18 +49,19 @@ def run(
         return build_model(args.model, dataset=args.dataset, init=args.init)
 
     start, cpu = time.perf_counter(), time.process_time()
-    est = estimate_smoothness(
-        make_model,
-        F.cross_entropy,
-        data,
-        num_samples=num,
-        generator=torch.Generator().manual_seed(args.seed),
-        patience=patience,
-        rel_tol=args.rel_tol,
-        tol=args.tol,
-        hvp_mode=args.hvp_mode,
-        sample_batch=sample_batch,
-    )
+    with keep_freed_memory():  # as under the exactlr command
+        est = estimate_smoothness(
+            make_model,
+            F.cross_entropy,
+            data,
+            num_samples=num,
+            generator=torch.Generator().manual_seed(args.seed),
+            patience=patience,
+            rel_tol=args.rel_tol,
+            tol=args.tol,
+            hvp_mode=args.hvp_mode,
+            sample_batch=sample_batch,
+        )
     return time.perf_counter() - start, time.process_time() - cpu, est
 
 

@@ -129,9 +129,27 @@ def test_no_op_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
         assert active is False
 
 
-def test_public_functions_keep_their_signatures_and_results(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_library_functions_leave_the_allocator_alone(fake_libc: _RecordingLibc) -> None:
+    """The public functions do not touch glibc: only an explicit keep_freed_memory does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    exactlr.hessian_spectral_norm(model, F.cross_entropy, [(x, y)], tol=1e-3)
+    exactlr.estimate_smoothness(
+        lambda: nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)),
+        F.cross_entropy,
+        [(x, y)],
+        num_samples=2,
+        tol=1e-3,
+    )
+    exactlr.suggest_lr(model, F.cross_entropy, [(x, y)], total_steps=10, num_samples=2)
+    assert fake_libc.calls == []
+    with keep_freed_memory():
+        exactlr.hessian_spectral_norm(model, F.cross_entropy, [(x, y)], tol=1e-3)
+    assert fake_libc.calls == SET + RESTORE
+
+
+def test_results_are_the_same_inside_and_outside(monkeypatch: pytest.MonkeyPatch) -> None:
     assert list(inspect.signature(exactlr.hessian_spectral_norm).parameters)[:3] == [
         "model",
         "loss_fn",
@@ -141,8 +159,8 @@ def test_public_functions_keep_their_signatures_and_results(
     model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 3)).double()
     x, y = torch.randn(300, 20, dtype=torch.float64), torch.randint(0, 3, (300,))
     kwargs = {"generator": torch.Generator().manual_seed(1), "tol": 1e-8}
-    kept = exactlr.hessian_spectral_norm(model, F.cross_entropy, [(x, y)], **kwargs)
-    monkeypatch.setenv(ENV_SWITCH, "0")
+    with keep_freed_memory():
+        kept = exactlr.hessian_spectral_norm(model, F.cross_entropy, [(x, y)], **kwargs)
     kwargs["generator"] = torch.Generator().manual_seed(1)
     plain = exactlr.hessian_spectral_norm(model, F.cross_entropy, [(x, y)], **kwargs)
     assert kept.value == plain.value  # bitwise: only where the bytes live changes

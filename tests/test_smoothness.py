@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exactlr.curvature import hessian_spectral_norm, training_loss_mode
+from exactlr.curvature import SpectralOptions, hessian_spectral_norm, training_loss_mode
 from exactlr.smoothness import SampleRecord, estimate_smoothness
 
 DTYPE = torch.float64
@@ -242,3 +242,35 @@ def test_default_certifies_the_norm_only() -> None:
         lmax, lmin = dense_norm(redraw(record.seed), data)
         norm = max(abs(lmax), abs(lmin))
         assert abs(record.value - norm) <= 1e-4 * norm
+
+
+def test_options_as_one_value_or_by_keyword_give_the_same_estimate() -> None:
+    data = batches()
+    kwargs = dict(num_samples=2, generator=torch.Generator().manual_seed(0))
+    typed = estimate_smoothness(
+        make_model,
+        F.cross_entropy,
+        data,
+        options=SpectralOptions(tol=1e-6, target="both", rewrite=False),
+        **kwargs,
+    )
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    named = estimate_smoothness(
+        make_model, F.cross_entropy, data, tol=1e-6, target="both", rewrite=False, **kwargs
+    )
+    assert typed.samples == named.samples
+    assert typed.num_hvps == named.num_hvps
+
+
+def test_keywords_replace_single_options() -> None:
+    base = SpectralOptions(tol=1e-3, max_iters=7)
+    merged = SpectralOptions.from_keywords(base, tol=1e-5)
+    assert (merged.tol, merged.max_iters) == (1e-5, 7)
+    assert base.tol == 1e-3  # frozen: the base is unchanged
+
+
+def test_an_unknown_option_is_named_with_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"colour.*valid options: method, tol, .*rewrite"):
+        estimate_smoothness(make_model, F.cross_entropy, batches(), colour="red")
+    with pytest.raises(ValueError, match="options must be a SpectralOptions"):
+        estimate_smoothness(make_model, F.cross_entropy, batches(), options={"tol": 1e-3})

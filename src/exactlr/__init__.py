@@ -7,10 +7,12 @@ with ``L(w0)`` the initial training loss, ``K_hat`` the loss's Lipschitz smoothn
 
 Module map (data flows one way; nothing upstream imports anything downstream):
 
-- ``data``, ``models``: dataset readers, subsets, the synthetic set; the paper's networks
-  and weight re-drawing.
-- ``curvature``: the loss as a function of the weights, Hessian-vector products, the
-  solvers (Lanczos, power iteration) and ``hessian_spectral_norm``.
+- ``datafiles``, ``data``, ``models``: dataset files (locations, parsing, downloads);
+  datasets, subsets, the synthetic set, batches; the paper's networks and weight
+  re-drawing.
+- ``curvature``: the loss as a function of the weights (``batches``), Hessian-vector
+  products (``operators``), the solvers (``solvers``: Lanczos, power iteration) and
+  ``hessian_spectral_norm`` (``spectral``).
 - ``smoothness``: Algorithm 2, ``estimate_smoothness`` (K_hat over weight samples).
 - ``stepsize``: the formula ``exact_step_size`` and ``suggest_lr``.
 - ``check``: the safety check of a step size (k Adam steps from w0, then the curvature).
@@ -22,6 +24,7 @@ Module map (data flows one way; nothing upstream imports anything downstream):
 
 """
 
+from exactlr._version import __version__
 from exactlr.allocator import keep_freed_memory
 from exactlr.check import CheckReport, check_step_size
 from exactlr.curvature import (
@@ -35,8 +38,6 @@ from exactlr.curvature import (
 )
 from exactlr.smoothness import SampleRecord, SmoothnessEstimate, estimate_smoothness
 from exactlr.stepsize import LRSuggestion, exact_step_size, suggest_lr
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckReport",

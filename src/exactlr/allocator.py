@@ -4,9 +4,9 @@ PyTorch's CPU tensors are allocated with the C library's ``malloc``. glibc serve
 request above its mmap threshold (dynamic, at most 32 MiB) with a fresh ``mmap`` and
 returns it to the kernel on ``free``. A full-batch Hessian-vector product or training
 step allocates and frees the same large intermediates again and again, so each one is
-page-faulted back in, 4 KiB at a time, and zeroed by the kernel: on LeNet over 5,500
-MNIST images that is about 1.6 million minor page faults per product, more than half
-of its wall time (``benchmarks/bench_allocator.py``).
+page-faulted back in, 4 KiB at a time, and zeroed by the kernel, which can be a large
+share of a product's wall time (``benchmarks/bench_allocator.py`` counts the page faults
+and times products with and without).
 
 :func:`keep_freed_memory` switches glibc to serve large requests from its heap
 (``M_MMAP_MAX = 0``) and to keep freed heap memory (``M_TRIM_THRESHOLD`` very large),
@@ -18,8 +18,15 @@ to twice that, as it sees large blocks freed); the exit sets them where that gro
 in a PyTorch process (``M_MMAP_THRESHOLD = 32 MiB``, ``M_TRIM_THRESHOLD = 64 MiB``).
 Results are bitwise the same; only where the bytes live changes. The price is memory:
 freed blocks stay in the process while active and a heap cannot always reuse a hole for
-a differently sized request, so the peak resident memory can grow (1.5-2x on LeNet,
-levelling off after a few steps; docs/performance.md).
+a differently sized request, so the peak resident memory can grow
+(``benchmarks/bench_allocator.py`` reports the peak resident memory of both).
+
+Who changes it: these settings are process-wide, so the library's functions
+(``hessian_spectral_norm``, ``estimate_smoothness``, ``suggest_lr``, the operators) never
+apply them on their own; they leave the allocator as they found it. The caller decides:
+the ``exactlr`` command enters :func:`keep_freed_memory` around every subcommand (so
+the CLI is fast), the benchmarks enter it where they say so, and a user's own script can
+wrap its calls in ``with exactlr.keep_freed_memory():`` for the same speed.
 
 It is a no-op (and yields ``False``) when the C library is not glibc, when the user
 chose their own malloc settings (any ``MALLOC_*_`` tuning variable, or ``glibc.malloc``

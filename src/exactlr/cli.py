@@ -16,11 +16,26 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
+from exactlr import lr_command
+from exactlr._version import __version__
 from exactlr.allocator import keep_freed_memory
+from exactlr.paper import ray_executor
+from exactlr.paper.figures import get_figure, list_figures
+from exactlr.paper.planning import parse_methods
+from exactlr.paper.report import figure_report, format_markdown
+from exactlr.paper.runner import run_figure
+from exactlr.paper.scales import Scale, parse_scale
+from exactlr.paper.store import (
+    check_out_dir,
+    manifest_path,
+    report_path,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 EXIT_USAGE = 2
 
@@ -65,12 +80,21 @@ def non_negative_int(text: str) -> int:
 
 def methods_arg(text: str) -> tuple[str, ...]:
     """argparse type: comma-separated method sets (``paper,parameter-free,...``)."""
-    from exactlr.paper.experiments import parse_methods
-
     try:
         return parse_methods(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        raise argparse.ArgumentTypeError(f"--methods {text!r}: {err}") from None
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def share_arg(text: str) -> float:
@@ -130,9 +154,7 @@ def add_common_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_lr(args: argparse.Namespace) -> int:
-    from exactlr.lr_command import run
-
-    return run(args)
+    return lr_command.run(args, resolve_device(args.device))
 
 
 # --------------------------------------------------------------------------------------
@@ -140,35 +162,21 @@ def _cmd_lr(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _out_dir(text: str, *, create: bool = False) -> str:
-    """An output folder: may not exist yet, must not be an existing file.
+def _out_dir(text: str, *, create: bool = False) -> Path:
+    """An ``--out`` folder: may not exist yet, must not be an existing file.
 
     With `create`, the folder is made now and must be writable, so that a bad path fails
     before any training.
     """
-    if os.path.exists(text) and not os.path.isdir(text):
-        raise UsageError(f"--out {text} is an existing file, not a folder; choose a folder")
-    parent = Path(text).parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise UsageError(f"--out {text} is under {parent}, which is a file; choose a folder")
-    if create:
-        try:
-            os.makedirs(text, exist_ok=True)
-        except OSError as err:
-            raise UsageError(
-                f"--out {text} cannot be created ({err.strerror or err}); choose a writable folder"
-            ) from None
-        if not os.access(text, os.W_OK | os.X_OK):
-            raise UsageError(f"--out {text} is not writable; choose a writable folder")
-    return text
+    try:
+        return check_out_dir(text, create=create)
+    except ValueError as err:
+        raise UsageError(f"--out: {err}") from None
 
 
-def _no_results(figure: str, scale: str, out: str) -> None:
+def _no_results(figure: str, scale: str, out: Path) -> None:
     """Raises `UsageError` when `out` holds no result of `figure` at `scale`."""
-    manifest = Path(out) / "figures" / f"{figure}-{scale}.json"
-    if not manifest.is_file():
+    if not manifest_path(out, figure, scale).is_file():
         raise UsageError(
             f"no results of {figure} at scale {scale} in {out}; run `exactlr run {figure} "
             f"--scale {scale} --out {out}` first"
@@ -176,29 +184,33 @@ def _no_results(figure: str, scale: str, out: str) -> None:
 
 
 def _check_figure(name: str, scale: str | None = None) -> None:
-    from exactlr.paper.experiments import SCALES, figure_names
+    """Raises `UsageError` for an unknown figure or scale."""
+    try:
+        get_figure(name)
+        if scale is not None:
+            parse_scale(scale)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
-    if name not in figure_names():
-        raise UsageError(f"unknown figure {name!r}; valid figures: {', '.join(figure_names())}")
-    if scale is not None and scale not in SCALES:
-        raise UsageError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
 
-
-def _ray_runner(address: str | None):  # type: ignore[no-untyped-def]
+def _ray_runner(address: str | None) -> Any:
     """The Ray executor's runner, or a one-line `UsageError` if Ray is missing."""
-    from exactlr.paper.ray_executor import ray_available, ray_runner
-
-    if not ray_available():
+    if not ray_executor.ray_available():
         raise UsageError(
             "--executor ray needs Ray, which is not installed: pip install 'ray>=2.9' "
             "(or exactlr[ray]); or use --executor local"
         )
-    return ray_runner(address)
+    return ray_executor.ray_runner(address)
+
+
+def _num_threads(args: argparse.Namespace, scale: Scale, device: torch.device) -> int | None:
+    """``--threads``, else the scale's default on a CPU (one thread at smoke scale)."""
+    if args.threads is not None:
+        return args.threads
+    return scale.num_threads if device.type == "cpu" else None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from exactlr.paper.experiments import run_figure
-
     _check_figure(args.figure, args.scale)
     out = _out_dir(args.out, create=True)
     device = resolve_device(args.device)
@@ -220,6 +232,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             runner=runner,
             methods=args.methods,
             curvature_every=args.curvature_every,
+            num_threads=_num_threads(args, Scale(args.scale), device),
         )
         if runner is not None:  # run_figure only submitted the runs; collect them here
             runner.wait()
@@ -235,6 +248,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    # matplotlib is an optional extra: imported only to plot.
     from exactlr.paper.plotting import plot_figure, plot_sharpness, plot_smoothness
 
     _check_figure(args.figure, args.scale)
@@ -250,17 +264,11 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_report(figure: str, scale: str, out: str) -> tuple[dict, str, Path]:
-    from exactlr.paper.report import figure_report, format_markdown
-    from exactlr.paper.results import write_json_atomic
-
+def _write_report(figure: str, scale: str, out: Path) -> tuple[dict, str, Path]:
     report = figure_report(figure, out_dir=out, scale=scale)
     text = format_markdown(report)
-    md_path = Path(out) / "reports" / f"{figure}-{scale}.md"
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = md_path.with_name(f".{md_path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, md_path)
+    md_path = report_path(out, figure, scale)
+    write_text_atomic(md_path, text)
     write_json_atomic(md_path.with_suffix(".json"), report)
     return report, text, md_path
 
@@ -278,26 +286,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from exactlr.paper.experiments import list_figures
-
     print(list_figures())
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from exactlr.paper.experiments import run_figure
-    from exactlr.paper.plotting import plot_figure, plot_smoothness
+    from exactlr.paper.plotting import plot_figure, plot_smoothness  # optional extra
 
     out = _out_dir(args.out, create=True)
     start = time.perf_counter()
+    device = resolve_device(args.device)
     run_figure(
         "demo",
         scale="cpu",
         out_dir=out,
-        device=resolve_device(args.device),
+        device=device,
         seed=args.seed,
         progress=not args.quiet,
         epochs=args.epochs,
+        # The demo's tensors are small: one thread unless asked otherwise (see --threads).
+        num_threads=args.threads
+        if args.threads is not None
+        else 1
+        if device.type == "cpu"
+        else None,
     )
     plots = plot_figure("demo", out_dir=out, scale="cpu")
     plots += plot_smoothness("demo", out_dir=out, scale="cpu")
@@ -313,18 +325,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with all subcommands."""
-    from exactlr import __version__
-
-    parser = _Parser(
-        prog="exactlr",
-        description="A provably motivated constant learning rate for Adam: "
-        "alpha = sqrt(2 L(w0) / (K_hat T)).",
+def _add_threads_arg(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"torch CPU threads while the runs train ({default}; small runs are faster "
+        "on one thread)",
     )
-    parser.add_argument("--version", action="version", version=f"exactlr {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+
+def _add_lr_command(sub: Any) -> None:
+    """``exactlr lr``."""
     lr = sub.add_parser("lr", help="the exact step size for a model and data set")
     lr.add_argument(
         "--model",
@@ -360,11 +373,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lr.add_argument("--json", action="store_true", help="machine-readable output")
     add_common_data_args(lr)
-    from exactlr.lr_command import add_user_code_args
-
-    add_user_code_args(lr)
+    lr.add_argument(
+        "--data",
+        default=None,
+        metavar="MODULE:LOADER",
+        help="your training batches: pkg.module:loader or path/to/file.py:loader, where "
+        "loader() returns (inputs, targets) batches (a list or DataLoader, one epoch); "
+        "replaces --dataset/--subset/--batch-size",
+    )
+    lr.add_argument(
+        "--k-hat",
+        type=positive_float,
+        default=None,
+        metavar="X",
+        help="reuse a measured K_hat (e.g. for another --epochs): only L(w0) is measured",
+    )
+    lr.add_argument(
+        "--check",
+        type=non_negative_int,
+        default=0,
+        metavar="K",
+        help="safety check: K Adam steps (10 or more) at the suggested lr on a copy from w0, "
+        "then the loss change and the Hessian norm at the end against K_hat and 2/lr; warns "
+        "when the loss rose or the curvature grew beyond K_hat (default 0: off)",
+    )
+    lr.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE",
+        help="draw the per-sample Hessian norms and their running max (K_hat) to FILE "
+        "(.png, .pdf, .svg; needs matplotlib)",
+    )
     lr.set_defaults(func=_cmd_lr)
 
+
+def _add_run_command(sub: Any) -> None:
+    """``exactlr run``."""
     scales = "smoke (seconds, plumbing only), cpu (reduced, laptop) or paper (full size)"
     run = sub.add_parser("run", help="run (or resume) the runs of one of the paper's figures")
     run.add_argument("figure", help="fig1 .. fig16, init or demo (see `exactlr list`)")
@@ -411,8 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: start a local Ray on this machine)",
     )
     add_common_data_args(run)
+    _add_threads_arg(run, "default: 1 at smoke scale on a CPU, else torch's default")
     run.set_defaults(func=_cmd_run)
 
+
+def _add_other_commands(sub: Any) -> None:
+    """``exactlr plot``, ``report``, ``list`` and ``demo``."""
+    scales = "smoke (seconds, plumbing only), cpu (reduced, laptop) or paper (full size)"
     plot = sub.add_parser("plot", help="draw a figure from its result files")
     plot.add_argument("figure")
     plot.add_argument("--out", default="results", help="results folder (default: results)")
@@ -437,7 +486,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
+    _add_threads_arg(demo, "default: 1 on a CPU")
     demo.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with all subcommands."""
+    parser = _Parser(
+        prog="exactlr",
+        description="A provably motivated constant learning rate for Adam: "
+        "alpha = sqrt(2 L(w0) / (K_hat T)).",
+    )
+    parser.add_argument("--version", action="version", version=f"exactlr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_lr_command(sub)
+    _add_run_command(sub)
+    _add_other_commands(sub)
     return parser
 
 

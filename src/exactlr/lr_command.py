@@ -24,57 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from exactlr.check import CheckReport
-from exactlr.cli import UsageError, non_negative_int, resolve_device
-from exactlr.stepsize import LRSuggestion
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def add_user_code_args(parser: argparse.ArgumentParser) -> None:
-    """``--data``, ``--k-hat``, ``--check``, ``--plot`` of ``exactlr lr``."""
-    parser.add_argument(
-        "--data",
-        default=None,
-        metavar="MODULE:LOADER",
-        help="your training batches: pkg.module:loader or path/to/file.py:loader, where "
-        "loader() returns (inputs, targets) batches (a list or DataLoader, one epoch); "
-        "replaces --dataset/--subset/--batch-size",
-    )
-    parser.add_argument(
-        "--k-hat",
-        type=positive_float,
-        default=None,
-        metavar="X",
-        help="reuse a measured K_hat (e.g. for another --epochs): only L(w0) is measured",
-    )
-    parser.add_argument(
-        "--check",
-        type=non_negative_int,
-        default=0,
-        metavar="K",
-        help="safety check: K Adam steps at the suggested lr on a copy from w0, then the "
-        "loss change and the Hessian norm at the end against K_hat and 2/lr; warns when "
-        "the loss rose or the curvature grew beyond K_hat (default 0: off)",
-    )
-    parser.add_argument(
-        "--plot",
-        default=None,
-        metavar="FILE",
-        help="draw the per-sample Hessian norms and their running max (K_hat) to FILE "
-        "(.png, .pdf, .svg; needs matplotlib)",
-    )
+from exactlr.check import CheckReport, check_step_size
+from exactlr.curvature import SpectralOptions, full_loss, materialize_batches
+from exactlr.data import load_dataset, make_batches
+from exactlr.models import build_model
+from exactlr.smoothness import SmoothnessEstimate
+from exactlr.stepsize import LRSuggestion, exact_step_size, suggest_lr
+from exactlr.userspec import load_callable
 
 
 @dataclass
@@ -94,14 +53,12 @@ def _is_spec(text: str) -> bool:
 
 
 def _user_model(spec: str, seed: int) -> tuple[nn.Module, Callable[[], nn.Module]]:
-    from exactlr.userspec import load_callable
-
     factory = load_callable(spec, what="--model")
 
     def make() -> nn.Module:
         model = factory()
         if not isinstance(model, nn.Module):
-            raise UsageError(
+            raise ValueError(
                 f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module; "
                 "the factory must return a freshly initialised model"
             )
@@ -115,34 +72,29 @@ def _user_model(spec: str, seed: int) -> tuple[nn.Module, Callable[[], nn.Module
 
 
 def _user_batches(spec: str) -> list[Any]:
-    from exactlr.userspec import load_callable
-
     loader = load_callable(spec, what="--data")
     try:
         batches = list(loader())
     except TypeError as err:
-        raise UsageError(
+        raise ValueError(
             f"--data {spec!r}: loader() must take no arguments and return an iterable of "
             f"(inputs, targets) batches ({err})"
         ) from None
     if not batches:
-        raise UsageError(f"--data {spec!r} returned no batches; it must yield at least one")
+        raise ValueError(f"--data {spec!r} returned no batches; it must yield at least one")
     return batches
 
 
-def _inputs(args: argparse.Namespace) -> _Inputs:
-    from exactlr.data import load_dataset, make_batches
-    from exactlr.models import build_model
-
+def _inputs(args: argparse.Namespace, device: torch.device) -> _Inputs:
     if args.data is not None:
         given = [f"--{n}" for n in ("dataset", "subset", "batch_size") if getattr(args, n)]
         if given:
-            raise UsageError(
+            raise ValueError(
                 f"--data gives the batches; drop {', '.join(g.replace('_', '-') for g in given)}"
             )
     user_model = _is_spec(args.model)
     if user_model and args.init is not None:
-        raise UsageError("--init applies to built-in models; your factory initialises its model")
+        raise ValueError("--init applies to built-in models; your factory initialises its model")
     dataset = args.dataset or "synthetic"
     num_train = None
     if args.data is not None:
@@ -151,7 +103,7 @@ def _inputs(args: argparse.Namespace) -> _Inputs:
         train, _ = load_dataset(
             dataset, subset=args.subset or "mini", data_dir=args.data_dir, seed=args.seed
         )
-        batches = make_batches(train, args.batch_size)
+        batches = make_batches(train.to(device), args.batch_size)
         num_train = len(train)
         data_name = f"{dataset}/{args.subset or 'mini'}"
     if user_model:
@@ -167,20 +119,15 @@ def _inputs(args: argparse.Namespace) -> _Inputs:
 
 def _given_k_hat(inputs: _Inputs, args: argparse.Namespace, device: torch.device) -> LRSuggestion:
     """The rule with a K_hat measured before: only L(w0) (and the check) is computed."""
-    from exactlr.check import check_step_size
-    from exactlr.curvature import full_loss, materialize_batches
-    from exactlr.smoothness import SmoothnessEstimate
-    from exactlr.stepsize import exact_step_size
-
     total_steps = args.epochs * len(inputs.batches)
     data = materialize_batches(inputs.batches, device)
-    initial_loss = full_loss(inputs.model, _loss_fn(), data)
+    initial_loss = full_loss(inputs.model, F.cross_entropy, data)
     lr = exact_step_size(initial_loss, args.k_hat, total_steps)
     check = None
     if args.check:
         check = check_step_size(
             inputs.model,
-            _loss_fn(),
+            F.cross_entropy,
             data,
             lr=lr,
             k_hat=args.k_hat,
@@ -193,26 +140,20 @@ def _given_k_hat(inputs: _Inputs, args: argparse.Namespace, device: torch.device
     return LRSuggestion(lr, args.k_hat, initial_loss, total_steps, estimate, check)
 
 
-def _loss_fn() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    import torch.nn.functional as F
-
-    return F.cross_entropy
-
-
 def _check_plot_path(text: str | None, k_hat: float | None) -> None:
     if text is None:
         return
     if k_hat is not None:
-        raise UsageError("--plot draws the K_hat samples; with --k-hat there are none to draw")
+        raise ValueError("--plot draws the K_hat samples; with --k-hat there are none to draw")
     path = Path(text)
     if path.suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise UsageError(f"--plot {text}: name a .png, .pdf or .svg file")
+        raise ValueError(f"--plot {text}: name a .png, .pdf or .svg file")
     if path.is_dir() or not path.parent.is_dir():
-        raise UsageError(f"--plot {text}: not a file in an existing folder; choose one")
+        raise ValueError(f"--plot {text}: not a file in an existing folder; choose one")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UsageError(
+        raise ValueError(
             "--plot needs matplotlib: pip install matplotlib (or exactlr[experiments])"
         ) from None
 
@@ -301,18 +242,20 @@ def _print_text(s: LRSuggestion, inputs: _Inputs, args: argparse.Namespace, devi
         print(f"warning: {s.warning}" if s.warning else "check passed")
 
 
-def run(args: argparse.Namespace) -> int:
-    """The ``exactlr lr`` command; returns the exit status."""
-    from exactlr.stepsize import suggest_lr
+def run(args: argparse.Namespace, device: torch.device) -> int:
+    """The ``exactlr lr`` command on ``device``; returns the exit status.
+
+    Raises:
+        ValueError: Input the user can fix (the CLI prints it as one line, exit 2).
+    """
 
     if args.subsample is not None and args.method != "lanczos":
-        raise UsageError(
+        raise ValueError(
             f"--subsample {args.subsample:g} needs --method lanczos (got --method "
             f"{args.method}); drop --subsample or use lanczos"
         )
     _check_plot_path(args.plot, args.k_hat)
-    device = resolve_device(args.device)
-    inputs = _inputs(args)
+    inputs = _inputs(args, device)
     inputs.model = inputs.model.to(device)
     if args.k_hat is not None:
         suggestion = _given_k_hat(inputs, args, device)
@@ -326,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
 
         suggestion = suggest_lr(
             inputs.model,
-            _loss_fn(),
+            F.cross_entropy,
             inputs.batches,
             total_steps=args.epochs * len(inputs.batches),
             make_model=make_model,
@@ -335,10 +278,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet and not args.json,
             check_steps=args.check,
             variant=args.variant,
-            method=args.method,
-            tol=args.tol,
             patience=args.patience,
-            subsample=args.subsample,
+            options=SpectralOptions(method=args.method, tol=args.tol, subsample=args.subsample),
         )
     if args.plot is not None:
         plot_samples(suggestion, args.plot)

@@ -29,18 +29,24 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from exactlr.allocator import keep_freed_memory
 from exactlr.curvature import (
     Batch,
     LossFn,
+    SpectralOptions,
     hessian_spectral_norm,
     hessian_spectral_norms,
     materialize_batches,
 )
+
+try:  # tqdm is an optional extra: without it there is no progress bar
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover - depends on the environment
+    tqdm = None
 
 VARIANTS = ("full", "minibatch")
 
@@ -140,7 +146,7 @@ def _evaluate_one(
     *,
     variant: str,
     seed: int,
-    spectral_kwargs: dict,
+    options: SpectralOptions,
 ) -> _Evaluation:
     """``||H(w)||_2`` of one sample (max over batches for ``"minibatch"``)."""
     groups = [[b] for b in data] if variant == "minibatch" else [data]
@@ -148,7 +154,20 @@ def _evaluate_one(
     hvps, sub_hvps, converged, loss = 0, 0, True, -math.inf
     solver_gen = torch.Generator().manual_seed(seed)
     for group in groups:
-        res = hessian_spectral_norm(model, loss_fn, group, generator=solver_gen, **spectral_kwargs)
+        res = hessian_spectral_norm(
+            model,
+            loss_fn,
+            group,
+            generator=solver_gen,
+            method=options.method,
+            tol=options.tol,
+            max_iters=options.max_iters,
+            hvp_mode=options.hvp_mode,
+            subsample=options.subsample,
+            subsample_tol=options.subsample_tol,
+            target=options.target or "both",
+            rewrite=options.rewrite,
+        )
         hvps += res.num_hvps
         sub_hvps += res.subsample_hvps
         converged = converged and res.converged
@@ -161,39 +180,154 @@ def _evaluate_one(
     )
 
 
-#: The keywords of :func:`hessian_spectral_norm` that the batched path honours.
-_BATCHED_KWARGS = ("tol", "max_iters", "hvp_mode", "target", "rewrite")
-
-
 def _evaluate_group(
     models: list[nn.Module],
     loss_fn: LossFn,
     data: list[Batch],
     *,
     seeds: list[int],
-    spectral_kwargs: dict,
+    options: SpectralOptions,
 ) -> list[_Evaluation]:
     """``||H(w_s)||_2`` of several samples at once (stacked weights, batched Lanczos).
 
     Each sample's start vector comes from ``Generator().manual_seed(seed_s)``, as in
     :func:`_evaluate_one`, so the values agree with it to the solver tolerance.
     """
-    kwargs = {k: v for k, v in spectral_kwargs.items() if k in _BATCHED_KWARGS}
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    results = hessian_spectral_norms(models, loss_fn, data, generators=generators, **kwargs)
+    results = hessian_spectral_norms(
+        models,
+        loss_fn,
+        data,
+        generators=generators,
+        tol=options.tol,
+        max_iters=options.max_iters,
+        hvp_mode=options.hvp_mode,
+        target=options.target or "both",
+        rewrite=options.rewrite,
+    )
     return [
         _Evaluation(r.value, r.lambda_max, r.lambda_min, r.num_hvps, r.converged, r.loss)
         for r in results
     ]
 
 
-def _can_batch(variant: str, spectral_kwargs: dict) -> bool:
+def _can_batch(variant: str, options: SpectralOptions) -> bool:
     """Whether samples can be stacked: full-data Lanczos without a subsample start."""
-    method = spectral_kwargs.get("method", "lanczos")
-    return variant == "full" and method == "lanczos" and spectral_kwargs.get("subsample") is None
+    return variant == "full" and options.method == "lanczos" and options.subsample is None
 
 
-@keep_freed_memory()
+def _check_arguments(
+    num_samples: int, variant: str, patience: int | None, rel_tol: float, sample_batch: int
+) -> None:
+    """Raise ValueError naming the first bad argument of :func:`estimate_smoothness`."""
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples=}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not one of {VARIANTS}")
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience must be None or a positive integer, got {patience=}")
+    if not (rel_tol >= 0 and math.isfinite(rel_tol)):
+        raise ValueError(f"rel_tol must be a non-negative finite number, got {rel_tol=}")
+    if not isinstance(sample_batch, int) or isinstance(sample_batch, bool) or sample_batch < 1:
+        raise ValueError(f"sample_batch must be a positive integer, got {sample_batch=}")
+
+
+def smoothness_options(options: SpectralOptions | None = None, **keywords: Any) -> SpectralOptions:
+    """The spectral-norm options of Algorithm 2: ``options`` updated by ``keywords``.
+
+    ``target`` defaults to ``"norm"`` with Lanczos: K_hat needs only each sample's
+    spectral norm, so the solver stops on its error bound and leaves the smaller end of
+    the spectrum loose (fewer products when one end dominates).
+
+    Raises:
+        ValueError: A keyword that is not an option (naming it and the valid ones) or a
+            bad option value.
+    """
+    merged = SpectralOptions.from_keywords(options, **keywords)
+    merged.validate()
+    return merged.with_target("norm" if merged.method == "lanczos" else "both")
+
+
+def _draw_models(
+    make_model: Callable[[], nn.Module], seeds: list[int], device: torch.device | str | None
+) -> list[nn.Module]:
+    """One model per seed from ``make_model`` (see :func:`_draw_model`), on ``device``."""
+    models = []
+    for seed in seeds:
+        model = _draw_model(make_model, seed)
+        models.append(model.to(device) if device is not None else model)
+    return models
+
+
+class _Trace:
+    """Algorithm 2's running state: the records, the running max and the adaptive stop."""
+
+    def __init__(self, num_samples: int, patience: int | None, rel_tol: float, bar: Any) -> None:
+        self.num_samples, self.patience, self.rel_tol = num_samples, patience, rel_tol
+        self.bar = bar
+        self.records: list[SampleRecord] = []
+        self.running: list[float] = []
+        self.since_growth = 0
+        self.stopped_early = False
+        self.discarded = 0
+
+    def extend(
+        self, first: int, seeds: list[int], evaluations: list[_Evaluation], seconds: float
+    ) -> bool:
+        """Record a group's samples in order; True once the adaptive stop has fired.
+
+        The group's samples after the stopping one are counted in ``discarded``.
+        """
+        for offset, (seed, ev) in enumerate(zip(seeds, evaluations, strict=True)):
+            index = first + offset
+            self.records.append(
+                SampleRecord(
+                    index=index,
+                    value=ev.value,
+                    lambda_max=ev.lambda_max,
+                    lambda_min=ev.lambda_min,
+                    num_hvps=ev.num_hvps,
+                    seconds=seconds,
+                    converged=ev.converged,
+                    seed=int(seed),
+                    loss=ev.loss,
+                    subsample_hvps=ev.subsample_hvps,
+                )
+            )
+            self._update_running(ev.value)
+            patience = self.patience
+            last = index + 1 == self.num_samples
+            if patience is not None and self.since_growth >= patience and not last:
+                self.stopped_early = True
+                self.discarded = len(seeds) - offset - 1
+                return True
+        return False
+
+    def _update_running(self, value: float) -> None:
+        """Append to the running max and count the samples since it last grew."""
+        previous = self.running[-1] if self.running else None
+        self.running.append(value if previous is None else max(previous, value))
+        if previous is not None and self.running[-1] > previous * (1 + self.rel_tol):
+            self.since_growth = 0
+        elif previous is not None:
+            self.since_growth += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(k_hat=f"{self.running[-1]:.4g}", last=f"{value:.4g}")
+
+    def estimate(self, variant: str) -> SmoothnessEstimate:
+        """The :class:`SmoothnessEstimate` of the samples recorded."""
+        return SmoothnessEstimate(
+            k_hat=self.running[-1],
+            samples=[r.value for r in self.records],
+            records=self.records,
+            running_max=self.running,
+            stopped_early=self.stopped_early,
+            variant=variant,
+            discarded=self.discarded,
+        )
+
+
 def estimate_smoothness(
     make_model: Callable[[], nn.Module],
     loss_fn: LossFn,
@@ -207,7 +341,8 @@ def estimate_smoothness(
     device: torch.device | str | None = None,
     progress: bool = False,
     sample_batch: int = 1,
-    **spectral_kwargs: object,
+    options: SpectralOptions | None = None,
+    **option_keywords: Any,
 ) -> SmoothnessEstimate:
     """Algorithm 2: ``K_hat = max_j ||H(w_j)||_2`` over fresh initialisations ``w_j``.
 
@@ -236,20 +371,25 @@ def estimate_smoothness(
             the sequential one. A record's ``seconds`` is its group's wall time divided by
             the group size. Only ``variant="full"`` with ``method="lanczos"`` and no
             ``subsample`` is batched; otherwise the samples are evaluated one by one (as
-            with 1). Default 1: one at a time, the original loop.
-        **spectral_kwargs: Passed to :func:`~exactlr.curvature.hessian_spectral_norm`
+            with 1). Default 1: one at a time.
+        options: How each spectral norm is computed
+            (:class:`~exactlr.curvature.SpectralOptions`); default: its defaults.
+        **option_keywords: Single options by name, replacing those of ``options``
             (``method``, ``tol``, ``max_iters``, ``hvp_mode``, ``subsample``,
-            ``subsample_tol``, ``target``). ``target`` defaults to ``"norm"`` here: the
-            spectral norm is certified to ``tol``; the records' smaller-magnitude
-            eigenvalue is then only a loose estimate (pass ``target="both"`` for both).
+            ``subsample_tol``, ``target``, ``rewrite``). ``target`` defaults to
+            ``"norm"`` here with Lanczos: the spectral norm is certified to ``tol``; the
+            records' smaller-magnitude eigenvalue is then only a loose estimate (pass
+            ``target="both"`` for both).
 
     Returns:
         A :class:`SmoothnessEstimate`.
 
     Raises:
-        ValueError: Bad ``num_samples``, ``variant``, ``patience``, ``rel_tol`` or
-            ``sample_batch``, models of different architectures in one group, and
-            whatever :func:`hessian_spectral_norm` rejects (empty batches, bad labels).
+        ValueError: Bad ``num_samples``, ``variant``, ``patience``, ``rel_tol``,
+            ``sample_batch`` or option (an unknown option name is listed with the valid
+            ones), models of different architectures in one group, and whatever
+            :func:`~exactlr.curvature.hessian_spectral_norm` rejects (empty batches, bad
+            labels).
 
     Example:
         >>> import torch.nn.functional as F
@@ -259,108 +399,33 @@ def estimate_smoothness(
         >>> est.k_hat == max(est.samples)
         True
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples=}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r} is not one of {VARIANTS}")
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
-        raise ValueError(f"patience must be None or a positive integer, got {patience=}")
-    if not (rel_tol >= 0 and math.isfinite(rel_tol)):
-        raise ValueError(f"rel_tol must be a non-negative finite number, got {rel_tol=}")
-    if not isinstance(sample_batch, int) or isinstance(sample_batch, bool) or sample_batch < 1:
-        raise ValueError(f"sample_batch must be a positive integer, got {sample_batch=}")
-    allowed = {"method", "tol", "max_iters", "hvp_mode", "subsample", "subsample_tol", "target"}
-    unknown = set(spectral_kwargs) - allowed
-    if unknown:
-        raise ValueError(f"unknown keyword arguments {sorted(unknown)} for the spectral norm")
-    # K_hat needs only each sample's spectral norm: stop on its error bound and leave the
-    # smaller end of the spectrum loose (5-6x fewer products when lambda_max dominates).
-    if spectral_kwargs.get("method", "lanczos") == "lanczos":
-        spectral_kwargs.setdefault("target", "norm")
-    group_size = sample_batch if _can_batch(variant, spectral_kwargs) else 1
+    _check_arguments(num_samples, variant, patience, rel_tol, sample_batch)
+    opts = smoothness_options(options, **option_keywords)
+    group_size = sample_batch if _can_batch(variant, opts) else 1
     data = materialize_batches(batches, torch.device(device) if device is not None else None)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     seeds = torch.randint(0, 2**62, (num_samples,), generator=generator).tolist()
-
     bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=num_samples, desc="K_hat samples", unit="sample")
-        except ImportError:  # tqdm is an optional extra
-            bar = None
-
-    records: list[SampleRecord] = []
-    running: list[float] = []
-    since_growth = 0
-    stopped_early = False
-    discarded = 0
+    if progress and tqdm is not None:
+        bar = tqdm(total=num_samples, desc="K_hat samples", unit="sample")
+    trace = _Trace(num_samples, patience, rel_tol, bar)
     try:
         for first in range(0, num_samples, group_size):
             chunk = seeds[first : first + group_size]
             start = time.perf_counter()
-            models = []
-            for seed in chunk:
-                model = _draw_model(make_model, seed)
-                models.append(model.to(device) if device is not None else model)
+            models = _draw_models(make_model, chunk, device)
             if len(chunk) > 1:
-                evaluations = _evaluate_group(
-                    models, loss_fn, data, seeds=chunk, spectral_kwargs=spectral_kwargs
-                )
+                evaluations = _evaluate_group(models, loss_fn, data, seeds=chunk, options=opts)
             else:
-                evaluations = [
-                    _evaluate_one(
-                        models[0],
-                        loss_fn,
-                        data,
-                        variant=variant,
-                        seed=chunk[0],
-                        spectral_kwargs=spectral_kwargs,
-                    )
-                ]
-            seconds = (time.perf_counter() - start) / len(chunk)
-            for offset, (seed, ev) in enumerate(zip(chunk, evaluations, strict=True)):
-                index = first + offset
-                records.append(
-                    SampleRecord(
-                        index=index,
-                        value=ev.value,
-                        lambda_max=ev.lambda_max,
-                        lambda_min=ev.lambda_min,
-                        num_hvps=ev.num_hvps,
-                        seconds=seconds,
-                        converged=ev.converged,
-                        seed=int(seed),
-                        loss=ev.loss,
-                        subsample_hvps=ev.subsample_hvps,
-                    )
+                one = _evaluate_one(
+                    models[0], loss_fn, data, variant=variant, seed=chunk[0], options=opts
                 )
-                previous = running[-1] if running else None
-                running.append(ev.value if previous is None else max(previous, ev.value))
-                if previous is not None and running[-1] > previous * (1 + rel_tol):
-                    since_growth = 0
-                elif previous is not None:
-                    since_growth += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(k_hat=f"{running[-1]:.4g}", last=f"{ev.value:.4g}")
-                if patience is not None and since_growth >= patience and index + 1 < num_samples:
-                    stopped_early = True
-                    discarded = len(chunk) - offset - 1
-                    break
-            if stopped_early:
+                evaluations = [one]
+            seconds = (time.perf_counter() - start) / len(chunk)
+            if trace.extend(first, chunk, evaluations, seconds):
                 break
     finally:
         if bar is not None:
             bar.close()
-    return SmoothnessEstimate(
-        k_hat=running[-1],
-        samples=[r.value for r in records],
-        records=records,
-        running_max=running,
-        stopped_early=stopped_early,
-        variant=variant,
-        discarded=discarded,
-    )
+    return trace.estimate(variant)

@@ -16,13 +16,14 @@ import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from exactlr.allocator import keep_freed_memory
 from exactlr.check import CheckReport, check_step_size
-from exactlr.curvature import Batch, LossFn, full_loss, materialize_batches
+from exactlr.curvature import Batch, LossFn, SpectralOptions, full_loss, materialize_batches
+from exactlr.models import reinitialize
 from exactlr.smoothness import SmoothnessEstimate, estimate_smoothness
 
 
@@ -94,7 +95,6 @@ def default_make_model(model: nn.Module) -> Callable[[], nn.Module]:
     N(0, sigma)); any other model gets ``reset_parameters()`` on every submodule (PyTorch's
     default initialisation).
     """
-    from exactlr.models import reinitialize
 
     def make() -> nn.Module:
         return reinitialize(copy.deepcopy(model))
@@ -129,7 +129,6 @@ class LRSuggestion:
         return None if self.check is None else self.check.warning
 
 
-@keep_freed_memory()
 def suggest_lr(
     model: nn.Module,
     loss_fn: LossFn,
@@ -140,8 +139,13 @@ def suggest_lr(
     num_samples: int = 10,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    variant: str = "full",
+    patience: int | None = None,
+    rel_tol: float = 0.01,
+    sample_batch: int = 1,
+    options: SpectralOptions | None = None,
     check_steps: int = 0,
-    **smoothness_kwargs: object,
+    **option_keywords: Any,
 ) -> LRSuggestion:
     """The paper's learning rate for training ``model`` with Adam for ``total_steps``.
 
@@ -159,19 +163,23 @@ def suggest_lr(
         num_samples: Weight samples for K_hat.
         generator: Seeds the weight samples and solvers.
         progress: Show a progress bar during estimation.
+        variant, patience, rel_tol, sample_batch: As in :func:`estimate_smoothness`.
+        options: How each spectral norm is computed
+            (:class:`~exactlr.curvature.SpectralOptions`).
         check_steps: If positive, run the safety check: this many Adam steps at the
             suggested LR on a copy of ``model``, then the loss and Hessian norm at the
-            end against ``L(w0)``, ``K_hat`` and ``2/lr`` (:func:`exactlr.check.check_step_size`);
-            the result's ``check`` and ``warning`` carry it.
-        **smoothness_kwargs: Passed to :func:`estimate_smoothness` (``variant``,
-            ``patience``, ``method``, ``tol``, ``max_iters``, ``hvp_mode``).
+            end against ``L(w0)``, ``K_hat`` and ``2/lr``
+            (:func:`exactlr.check.check_step_size`); the result's ``check`` and
+            ``warning`` carry it. Choose 10 or more (``docs/safety_check.md``).
+        **option_keywords: Single spectral-norm options by name (``method``, ``tol``,
+            ``max_iters``, ``hvp_mode``, ...), as in :func:`estimate_smoothness`.
 
     Returns:
         An :class:`LRSuggestion`.
 
     Raises:
-        ValueError: Bad ``total_steps`` or ``num_samples``, empty batches, a non-finite
-            loss, labels outside the class range.
+        ValueError: Bad ``total_steps``, ``num_samples`` or option, empty batches, a
+            non-finite loss, labels outside the class range.
 
     Example:
         >>> import torch.nn.functional as F
@@ -201,7 +209,12 @@ def suggest_lr(
         num_samples=num_samples,
         generator=generator,
         progress=progress,
-        **smoothness_kwargs,
+        variant=variant,
+        patience=patience,
+        rel_tol=rel_tol,
+        sample_batch=sample_batch,
+        options=options,
+        **option_keywords,
     )
     lr = exact_step_size(initial_loss, estimate.k_hat, total_steps)
     check = None

@@ -12,16 +12,16 @@ rewrites make that cheaper or more accurate without changing the function:
   convolutions too). With ``c`` the per-element median of the data, most entries of
   ``x - c`` of data with a dominant value are exact zeros (MNIST's background), and the
   weight derivatives of the first layer, sums over batch x positions of ``dy * x``, no
-  longer cancel large equal terms in float32. On LeNet over 5,500 MNIST images this
-  takes the float32 Hessian-vector product from 3.0e-3 to about 1e-4 relative error
-  against float64 (``benchmarks/bench_rewrites.py``). ``A_W c`` is one sample's layer
-  output: negligible cost.
+  longer cancel large equal terms in float32 (``benchmarks/bench_rewrites.py`` measures
+  the float32 product's error against float64 with and without the shift). ``A_W c`` is
+  one sample's layer output: negligible cost.
 * **Composite BatchNorm** (speed). Training-mode ``F.batch_norm`` without running
   statistics is written as ``(x - mean) * rsqrt(var + eps) * gamma + beta`` with
   elementary ops. The function is the same (biased variance, batch statistics); its
-  double backward through elementary ops is ~20% cheaper on a CPU than ATen's
+  double backward through elementary ops is cheaper on a CPU than ATen's
   ``native_batch_norm`` double backward, which is most of a reverse-over-reverse
-  Hessian-vector product on a BatchNorm network.
+  Hessian-vector product on a BatchNorm network (``benchmarks/bench_rewrites.py``
+  times both).
 
 Both are context managers used by :mod:`exactlr.curvature` around its own evaluations
 only: the user's model is never left changed.

@@ -1,0 +1,470 @@
+"""The Hessian spectral norm of a training loss: ``||H||_2 = max(|lambda_max|, |lambda_min|)``.
+
+:func:`hessian_spectral_norm` runs a solver of :mod:`exactlr.curvature.solvers` on a
+:class:`~exactlr.curvature.operators.HessianOperator` inside
+:func:`~exactlr.curvature.batches.training_loss_mode`;
+:func:`hessian_spectral_norms` does the same for S models of one architecture with one
+stacked operator and :func:`~exactlr.curvature.solvers.lanczos_batched`. The norm counts
+negative curvature. :class:`SpectralOptions` holds the solver and product options as one
+typed value, so that callers further up pass them on without keyword chains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from exactlr.curvature.batches import (
+    Batch,
+    LossFn,
+    materialize_batches,
+    module_device_dtype,
+    subsample_batches,
+    training_loss_mode,
+)
+from exactlr.curvature.operators import HessianOperator, StackedHessianOperator
+from exactlr.curvature.solvers import (
+    TARGETS,
+    lanczos,
+    lanczos_batched,
+    power_iteration,
+    random_unit_vector,
+)
+
+METHODS = ("lanczos", "power")
+
+
+@dataclass(frozen=True)
+class SpectralOptions:
+    """How a spectral norm is computed: solver, tolerance, products, start, rewrites.
+
+    Attributes:
+        method: ``"lanczos"`` (both extremes at once, a-posteriori stop) or ``"power"``
+            (power iteration for the dominant eigenvalue, then on ``H - lambda I`` for
+            the other end).
+        tol: Relative accuracy of the spectral norm.
+        max_iters: Maximum Hessian-vector products per solver run.
+        hvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"`` (see
+            :mod:`exactlr.curvature.operators`).
+        subsample: Multi-fidelity start (Lanczos only): the share of every batch whose
+            Hessian gives the start vector (see :func:`hessian_spectral_norm`); None: a
+            random start vector.
+        subsample_tol: Relative tolerance of the subsample run.
+        target: ``"both"``: ``tol`` bounds both extremes (relative to the norm);
+            ``"norm"``: only the norm (see :func:`~exactlr.curvature.solvers.lanczos`);
+            None: the caller's default (``"both"`` for :func:`hessian_spectral_norm`,
+            ``"norm"`` for :func:`~exactlr.smoothness.estimate_smoothness` with Lanczos).
+        rewrite: Exact rewrites of the loss for the products
+            (:mod:`exactlr.curvature.rewrites`).
+    """
+
+    method: str = "lanczos"
+    tol: float = 1e-4
+    max_iters: int = 100
+    hvp_mode: str = "auto"
+    subsample: float | None = None
+    subsample_tol: float = 1e-2
+    target: str | None = None
+    rewrite: bool = True
+
+    @classmethod
+    def from_keywords(
+        cls, base: SpectralOptions | None = None, /, **keywords: Any
+    ) -> SpectralOptions:
+        """``base`` (default: all defaults) with the options named by ``keywords`` replaced.
+
+        Raises:
+            ValueError: A keyword that is not an option, naming it and the valid ones, or
+                a ``base`` that is not a :class:`SpectralOptions`.
+        """
+        if base is None:
+            base = cls()
+        if not isinstance(base, SpectralOptions):
+            raise ValueError(f"options must be a SpectralOptions, got {type(base).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(keywords) - set(names))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(unknown)} for the spectral norm; "
+                f"valid options: {', '.join(names)}"
+            )
+        return dataclasses.replace(base, **keywords)
+
+    def with_target(self, default: str) -> SpectralOptions:
+        """These options with ``target`` set to ``default`` if it is None."""
+        return self if self.target is not None else dataclasses.replace(self, target=default)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad option and what to do."""
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
+        tol, max_iters, subsample = self.tol, self.max_iters, self.subsample
+        if not (isinstance(tol, int | float) and tol > 0 and math.isfinite(tol)):
+            raise ValueError(f"tol must be a positive finite number, got {tol=}")
+        if not isinstance(max_iters, int) or max_iters < 1:
+            raise ValueError(f"max_iters must be a positive integer, got {max_iters=}")
+        if subsample is not None and not (
+            isinstance(subsample, int | float) and 0 < subsample < 1 and self.method == "lanczos"
+        ):
+            raise ValueError(
+                f"subsample must be None or in (0, 1) with method='lanczos', got {subsample=}"
+            )
+        target = self.target
+        if target is not None and (
+            target not in TARGETS or (target != "both" and self.method != "lanczos")
+        ):
+            raise ValueError(f"target={target!r} must be one of {TARGETS} ('norm': Lanczos only)")
+
+
+@dataclass(frozen=True)
+class SpectralNormResult:
+    """The Hessian spectral norm of a loss at one point of weight space.
+
+    Attributes:
+        value: ``max(|lambda_max|, |lambda_min|)``.
+        lambda_max: Largest eigenvalue of the Hessian.
+        lambda_min: Smallest eigenvalue (negative curvature shows up here).
+        num_hvps: Hessian-vector products spent.
+        converged: Whether the solver met its tolerance.
+        method: ``"lanczos"`` or ``"power"``.
+        hvp_mode: ``"forward"`` or ``"reverse"``.
+        loss: The full-data loss at these weights.
+        error_estimate: The solver's bound on the absolute error of ``value`` for the
+            products as computed: rounding inside the products is not in it (see
+            :func:`hessian_spectral_norm`, "Precision").
+        seconds: Wall time.
+        subsample_hvps: Products with the subsample Hessian spent on the start vector
+            (``subsample`` set; each costs about ``subsample`` of a full product).
+    """
+
+    value: float
+    lambda_max: float
+    lambda_min: float
+    num_hvps: int
+    converged: bool
+    method: str
+    hvp_mode: str
+    loss: float
+    error_estimate: float
+    seconds: float
+    subsample_hvps: int = 0
+
+
+def hessian_spectral_norm(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    *,
+    method: str = "lanczos",
+    tol: float = 1e-4,
+    max_iters: int = 100,
+    generator: torch.Generator | None = None,
+    hvp_mode: str = "auto",
+    subsample: float | None = None,
+    subsample_tol: float = 1e-2,
+    target: str = "both",
+    rewrite: bool = True,
+) -> SpectralNormResult:
+    """Spectral norm of the Hessian of the full-data loss at the model's weights.
+
+    ``||H||_2 = max(|lambda_max(H)|, |lambda_min(H)|)`` where
+    ``H = d^2/dw^2 sum_b (n_b/N) loss_fn(model(x_b; w), y_b)``.
+
+    Args:
+        model: The network (its weights are the point). Not modified: parameters,
+            buffers and train/eval mode are as before on return.
+        loss_fn: Mean-reduced loss ``loss_fn(outputs, targets)``, e.g.
+            ``torch.nn.functional.cross_entropy``.
+        batches: Iterable of ``(inputs, targets)``, e.g. a DataLoader or ``[(X, y)]``;
+            moved to the model's device.
+        method: ``"lanczos"`` (both extremes at once, a-posteriori stop) or ``"power"``
+            (power iteration for the dominant eigenvalue, then on ``H - lambda I`` for the
+            other end).
+        tol: Relative accuracy of the spectral norm (see "Precision" below).
+        max_iters: Maximum Hessian-vector products per solver run.
+        generator: Source of the random start vector (global RNG untouched if given).
+        hvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"``.
+        subsample: Multi-fidelity start (Lanczos only): first run Lanczos, to the
+            looser ``subsample_tol``, on the Hessian of a random ``subsample`` share of
+            every batch (same share of each, so the batch weights stay), then start the
+            full-data Lanczos from ``|theta_max| u_max + |theta_min| u_min`` of those
+            Ritz pairs and stop it with the full-data error bound as usual. The answer
+            and its bound are the full-data ones; the subsample only buys a start vector
+            (with BatchNorm its Hessian is of a different function, still a close one).
+            None: a random start vector.
+        subsample_tol: Relative tolerance of the subsample run.
+        target: ``"both"``: ``tol`` bounds both extremes (relative to the norm);
+            ``"norm"``: only ``value`` is guaranteed to ``tol`` and the smaller end may be
+            less accurate (see :func:`~exactlr.curvature.solvers.lanczos`). Lanczos only.
+        rewrite: Exact rewrites of the loss for the products (see
+            :class:`~exactlr.curvature.operators.HessianOperator` and
+            :mod:`exactlr.curvature.rewrites`).
+
+    Returns:
+        A :class:`SpectralNormResult`.
+
+    Precision: the products are computed in the model's dtype, and the solver's bound
+    does not see their rounding. In float32 the first layer's weight derivatives of a
+    BatchNorm network are sums over batch x positions that cancel large equal terms when
+    the data have a dominant value (MNIST's background), so float32 runs from different
+    start vectors can each stop with a tiny bound at values further apart than ``tol``.
+    With ``rewrite=True`` (the default) the input shift of
+    :mod:`exactlr.curvature.rewrites` removes most of that cancellation
+    (``benchmarks/bench_rewrites.py`` measures the product's error against float64,
+    ``benchmarks/bench_pyhessian.py`` the norm's). For ``tol`` near float32's rounding of
+    the products, cast the model and data to float64 (``model.double()``). The step size
+    needs far less: alpha ~ K^(-1/2) moves by half the relative error of K.
+
+    Raises:
+        ValueError: Empty batches, labels outside the class range, a non-finite loss or
+            product, or a bad argument.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> net = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> res = hessian_spectral_norm(net, F.cross_entropy, [(x, y)])
+        >>> res.value == max(abs(res.lambda_max), abs(res.lambda_min))
+        True
+    """
+    options = SpectralOptions(
+        method=method,
+        tol=tol,
+        max_iters=max_iters,
+        hvp_mode=hvp_mode,
+        subsample=subsample,
+        subsample_tol=subsample_tol,
+        target=target,
+        rewrite=rewrite,
+    )
+    options.validate()
+    start = time.perf_counter()
+    device, _ = module_device_dtype(model)
+    data = materialize_batches(batches, device)
+    with training_loss_mode(model):
+        op = HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, rewrite=rewrite)
+        loss = op.loss()
+        v0 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
+        subsample_hvps = 0
+        if subsample is not None:
+            v0, subsample_hvps = _subsample_start(op, v0, options, generator)
+        try:
+            lam_max, lam_min, converged, error = _solve(op, v0, options, generator)
+        finally:
+            op.release()
+    return SpectralNormResult(
+        value=max(abs(lam_max), abs(lam_min)),
+        lambda_max=lam_max,
+        lambda_min=lam_min,
+        num_hvps=op.num_products,
+        converged=converged,
+        method=method,
+        hvp_mode=op.hvp_mode,
+        loss=loss,
+        error_estimate=error,
+        seconds=time.perf_counter() - start,
+        subsample_hvps=subsample_hvps,
+    )
+
+
+def _solve(
+    op: HessianOperator,
+    v0: Tensor,
+    options: SpectralOptions,
+    generator: torch.Generator | None,
+) -> tuple[float, float, bool, float]:
+    """``(lambda_max, lambda_min, converged, error bound)`` of ``op`` from ``v0``."""
+    tol, max_iters = options.tol, options.max_iters
+    if options.method == "lanczos":
+        target = options.target or "both"
+        res = lanczos(op, v0, max_iters=max_iters, tol=tol, target=target)
+        return res.lambda_max, res.lambda_min, res.converged, res.error_estimate
+    lam, _, _, ok1 = power_iteration(op, v0, max_iters=max_iters, tol=tol)
+    # The opposite end of the spectrum is the dominant eigenvalue of H - lam I.
+    v1 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
+    mu, _, _, ok2 = power_iteration(lambda v: op(v) - lam * v, v1, max_iters=max_iters, tol=tol)
+    other = mu + lam
+    return max(lam, other), min(lam, other), ok1 and ok2, tol * abs(lam)
+
+
+def _subsample_start(
+    op: HessianOperator,
+    v0: Tensor,
+    options: SpectralOptions,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, int]:
+    """Start vector for the full-data Lanczos from the Ritz pairs of a subsample Hessian.
+
+    Returns the start vector and the subsample products spent.
+    """
+    assert options.subsample is not None
+    # A local generator when none is given: library code leaves the global RNG alone.
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    data = subsample_batches(op.batches, options.subsample, generator=generator)
+    sub = HessianOperator(op.model, op.loss_fn, data, hvp_mode=op.hvp_mode, rewrite=op.rewrite)
+    try:
+        res = lanczos(
+            sub,
+            v0,
+            max_iters=options.max_iters,
+            tol=max(options.tol, options.subsample_tol),
+            return_vectors=True,
+            target=options.target or "both",
+        )
+    finally:
+        sub.release()
+    assert res.vector_max is not None and res.vector_min is not None
+    # Weighting by |theta| favours the dominant end, which the norm needs most; the other
+    # end still spans the start so both extremes converge together.
+    start = abs(res.lambda_max) * res.vector_max + abs(res.lambda_min) * res.vector_min
+    if not torch.isfinite(start).all() or float(start.norm()) == 0.0:
+        return v0, sub.num_products
+    return start / start.norm(), sub.num_products
+
+
+def hessian_spectral_norms(
+    models: Sequence[nn.Module],
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    *,
+    tol: float = 1e-4,
+    max_iters: int = 100,
+    generators: Sequence[torch.Generator | None] | None = None,
+    hvp_mode: str = "auto",
+    target: str = "both",
+    rewrite: bool = True,
+) -> list[SpectralNormResult]:
+    """:func:`hessian_spectral_norm` (Lanczos) of S models of one architecture at once.
+
+    ``||H_s||_2 = max(|lambda_max(H_s)|, |lambda_min(H_s)|)`` for the Hessian ``H_s`` of the
+    full-data loss at the weights of ``models[s]``. The weights are stacked
+    (:class:`~exactlr.curvature.operators.StackedHessianOperator`) and
+    :func:`~exactlr.curvature.solvers.lanczos_batched` runs one Lanczos per model in
+    lockstep, each with the start vector, stopping rule and product count that
+    :func:`hessian_spectral_norm` (``method="lanczos"``, no ``subsample``) would use with
+    ``generator=generators[s]``; results agree with it to the solver tolerance (the
+    batched product rounds differently). Finished models stop costing products in
+    ``"forward"`` mode and are masked until half the stack is done in ``"reverse"``
+    mode (see ``_ActiveProducts``).
+
+    Args:
+        models: The networks, one architecture (same parameter/buffer names and shapes);
+            not modified.
+        loss_fn: Mean-reduced loss ``loss_fn(outputs, targets)``.
+        batches: Iterable of ``(inputs, targets)``; moved to the first model's device.
+        tol: Relative accuracy of each spectral norm.
+        max_iters: Maximum Hessian-vector products per model.
+        generators: One start-vector generator per model, as ``generator`` of
+            :func:`hessian_spectral_norm`; None: all drawn from the global RNG.
+        hvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"``; ``"auto"`` budgets memory
+            for the whole stack.
+        target: ``"both"`` or ``"norm"`` (see :func:`~exactlr.curvature.solvers.lanczos`).
+        rewrite: Exact rewrites of the loss for the products (see
+            :class:`~exactlr.curvature.operators.HessianOperator`).
+
+    Returns:
+        One :class:`SpectralNormResult` per model, in order. ``seconds`` is the wall time
+        of the whole call divided by S (the products are shared).
+
+    Raises:
+        ValueError: Models of different architectures, empty batches, bad labels, a
+            non-finite loss or product, or a bad argument.
+    """
+    SpectralOptions(tol=tol, max_iters=max_iters).validate()
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r} is not one of {TARGETS}")
+    if generators is not None and len(generators) != len(models):
+        raise ValueError(f"got {len(generators)} generators for {len(models)} models")
+    start = time.perf_counter()
+    if not models:
+        raise ValueError("models is empty; pass at least one model")
+    device, _ = module_device_dtype(models[0])
+    data = materialize_batches(batches, device)
+    op = StackedHessianOperator.from_models(
+        models, loss_fn, data, hvp_mode=hvp_mode, rewrite=rewrite
+    )
+    losses = op.losses()
+    gens = list(generators) if generators is not None else [None] * len(models)
+    v0 = torch.stack(
+        [random_unit_vector(op.dim, generator=g, dtype=op.dtype, device=op.device) for g in gens]
+    )
+    products = _ActiveProducts(op)
+    try:
+        results = lanczos_batched(products, v0, max_iters=max_iters, tol=tol, target=target)
+    finally:
+        products.release()
+    seconds = (time.perf_counter() - start) / len(models)
+    return [
+        SpectralNormResult(
+            value=res.spectral_norm,
+            lambda_max=res.lambda_max,
+            lambda_min=res.lambda_min,
+            num_hvps=res.num_matvecs,
+            converged=res.converged,
+            method="lanczos",
+            hvp_mode=op.hvp_mode,
+            loss=loss,
+            error_estimate=res.error_estimate,
+            seconds=seconds,
+        )
+        for res, loss in zip(results, losses, strict=True)
+    ]
+
+
+class _ActiveProducts:
+    """The ``matvec(Q, index)`` of :func:`lanczos_batched` on a stacked operator.
+
+    Finished samples stop costing compute in ``"forward"`` mode: each product is taken on
+    a stack of the active samples only (re-stacking costs a copy of their weights, no
+    graph). In ``"reverse"`` mode re-stacking means rebuilding the gradient graph (about
+    a product's cost), so finished samples are masked (a zero row, computed and thrown
+    away) until the active ones are at most half the stack, and only then re-stacked:
+    at most ``log2(S)`` rebuilds and at most half the work wasted.
+    """
+
+    def __init__(self, op: StackedHessianOperator) -> None:
+        self.full = op
+        self.op = op
+        self.members = list(range(op.num_models))
+        self.row_products = 0  # Hessian-vector products computed, masked rows included
+
+    def __call__(self, block: Tensor, index: list[int]) -> Tensor:
+        if index != self.members:
+            shrink = self.op.hvp_mode == "forward" or 2 * len(index) <= len(self.members)
+            if shrink:
+                self.op.release()
+                self.op = self.full.subset(index)
+                self.members = list(index)
+        self.row_products += len(self.members)
+        if index == self.members:
+            return self.op.matvec(block)
+        position = {s: i for i, s in enumerate(self.members)}
+        rows = torch.tensor([position[s] for s in index], device=block.device)
+        padded = block.new_zeros(len(self.members), block.shape[1])
+        padded[rows] = block
+        return self.op.matvec(padded)[rows]
+
+    def release(self) -> None:
+        self.op.release()
+        self.full.release()
+
+
+def full_loss(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch]) -> float:
+    """The size-weighted mean loss over ``batches`` as training computes it, without grad.
+
+    The model is left unchanged (see :func:`~exactlr.curvature.batches.training_loss_mode`).
+
+    Raises:
+        ValueError: Empty batches, bad labels, or a non-finite loss.
+    """
+    device, _ = module_device_dtype(model)
+    data = materialize_batches(batches, device)
+    with training_loss_mode(model):
+        return HessianOperator(model, loss_fn, data, hvp_mode="forward", rewrite=False).loss()
