@@ -14,13 +14,15 @@ Module map (data flows one way; nothing upstream imports anything downstream):
   products (``operators``), the solvers (``solvers``: Lanczos, power iteration) and
   ``hessian_spectral_norm`` (``spectral``).
 - ``smoothness``: Algorithm 2, ``estimate_smoothness`` (K_hat over weight samples).
-- ``stepsize``: the formula ``exact_step_size`` and ``suggest_lr``.
-- ``check``: the safety check of a step size (k Adam steps from w0, then the curvature).
+- ``check``: the safety check of a step size, ``check_step_size`` (k Adam steps from w0
+  on a copy, then the loss and the curvature at the end).
+- ``stepsize``: the formula ``exact_step_size`` and ``suggest_lr`` (``check_steps=``).
 - ``allocator``: ``keep_freed_memory``, a utility below every other module.
 - ``integrations``: Lightning and Hugging Face Trainer callbacks (optional imports).
 - ``paper``: the reproduction harness (figures, scales, schedules, training, the LR
   range test, results, report, plotting, the Ray executor).
-- ``cli``: the ``exactlr`` command.
+- ``userspec``: the user's objects from ``module:attribute`` or ``file.py:attribute``.
+- ``cli``: the ``exactlr`` command (``lr_command``: ``exactlr lr``).
 
 """
 
