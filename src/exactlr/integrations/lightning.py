@@ -27,7 +27,9 @@ LR schedulers configured by ``configure_optimizers`` are left alone: they were b
 from the optimizer's LR before the callback ran and compute their LR from their own
 ``base_lrs``, so they override the suggestion at their first step. The rule is a
 constant step; use it without a scheduler (the callback warns when one is configured).
-Resuming from a checkpoint restores the checkpoint's optimizer state, LR included.
+Resuming from a checkpoint restores the checkpoint's optimizer state, LR included. In a
+distributed run every process measures on its own shard of the data and all of them
+take rank 0's LR (``trainer.strategy.broadcast``).
 Manual optimisation (``automatic_optimization = False``) needs ``loss=``.
 """
 
@@ -181,9 +183,11 @@ class ExactLR(pl.Callback):
             check_steps=self.check_steps,
             **self.options,
         )
+        # Each process measured its own shard of the data; all must step alike: rank 0's.
+        lr = float(trainer.strategy.broadcast(s.lr, src=0))
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = s.lr
+                group["lr"] = lr
         self.suggestion = s
         self._report(trainer, s)
 

@@ -21,9 +21,10 @@ constant step; with another schedule (the default is ``"linear"`` decay) the sch
 shape is kept with the suggestion as its peak, and the callback warns, since the rule
 is a constant step. The default optimizer is AdamW with ``weight_decay=0`` (Adam).
 
-Drawing the curvature batches iterates the train dataloader once before the first
-epoch (a shuffling sampler draws one extra permutation). The result is kept in
-:attr:`ExactLRCallback.suggestion` and written to the ``transformers`` logger.
+In a distributed run every process measures on its own shard of the data and all of
+them take rank 0's LR. Drawing the curvature batches iterates the train dataloader once
+before the first epoch (a shuffling sampler draws one extra permutation). The result is
+kept in :attr:`ExactLRCallback.suggestion` and written to the ``transformers`` logger.
 """
 
 from __future__ import annotations
@@ -142,7 +143,13 @@ class ExactLRCallback(TrainerCallback):
             check_steps=self.check_steps,
             **self.options,
         )
-        _set_lr(optimizer, lr_scheduler, s.lr)
+        lr = s.lr
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Each process measured its own shard of the data; all must step alike.
+            shared = [lr]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            lr = float(shared[0])
+        _set_lr(optimizer, lr_scheduler, lr)
         self.suggestion = s
         logger.info(
             f"ExactLR: lr = sqrt(2 L(w0) / (K_hat T)) = {s.lr:.6g} (L(w0) {s.initial_loss:.6g}, "
