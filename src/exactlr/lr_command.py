@@ -74,12 +74,13 @@ def _user_model(spec: str, seed: int) -> tuple[nn.Module, Callable[[], nn.Module
 def _user_batches(spec: str) -> list[Any]:
     loader = load_callable(spec, what="--data")
     try:
-        batches = list(loader())
+        produced = loader()
     except TypeError as err:
         raise ValueError(
             f"--data {spec!r}: loader() must take no arguments and return an iterable of "
             f"(inputs, targets) batches ({err})"
         ) from None
+    batches = list(produced)
     if not batches:
         raise ValueError(f"--data {spec!r} returned no batches; it must yield at least one")
     return batches
