@@ -36,13 +36,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[10])
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--only", default=None, help="substring of a configuration name")
+    parser.add_argument("--only", default=None, help="one configuration: fig1, fig6 or init")
     args = parser.parse_args()
     train, _ = load_dataset("mnist", subset="mini")
     for seed in args.seeds:
         data = make_batches(mini_subset(train, total=args.images, seed=seed), None)
         for name, arch, init in CONFIGS:
-            if args.only and args.only not in name:
+            if args.only and name.split()[0] != args.only:
                 continue
             gen = torch.Generator().manual_seed(seed)
             model = build_model(arch, dataset="mnist", init=init, generator=gen)
