@@ -133,6 +133,7 @@ def test_plot_writes_the_samples(tmp_path: Path, capsys: pytest.CaptureFixture[s
         (["--model", "tests_pkg.module:"], "is not of the form 'pkg.module:attribute'"),
         (["--model", "nowhere/file.py:build"], "no file 'nowhere/file.py'"),
         (["--data", "tests_pkg.module:nothing"], "has no attribute 'nothing'"),
+        (["--model", "tests_pkg.module:factory"], "cannot compute the cross-entropy"),
         ([*SPEC, "--dataset", "mnist"], "--data gives the batches; drop --dataset"),
         ([*SPEC, "--batch-size", "8"], "drop --batch-size"),
         (["--model", "tests_pkg.module:factory", "--init", "paper"], "--init applies to built-in"),

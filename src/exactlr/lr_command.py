@@ -118,6 +118,22 @@ def _inputs(args: argparse.Namespace, device: torch.device) -> _Inputs:
     return _Inputs(model, make_model, batches, name, data_name, num_train)
 
 
+def _probe(inputs: _Inputs, device: torch.device) -> None:
+    """One loss evaluation on the first batch: a model that does not fit the data is a
+    one-line error naming both, not a traceback from deep inside the estimation."""
+    batch = materialize_batches(inputs.batches[:1], device)[0]
+    try:
+        with torch.no_grad():
+            F.cross_entropy(inputs.model(batch[0]), batch[1])
+    except (RuntimeError, TypeError, IndexError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(
+            f"model {inputs.model_name} cannot compute the cross-entropy of the first batch "
+            f"of {inputs.data_name} ({type(err).__name__}: {message}); check that the model's "
+            "inputs and outputs fit the data"
+        ) from err
+
+
 def _given_k_hat(inputs: _Inputs, args: argparse.Namespace, device: torch.device) -> LRSuggestion:
     """The rule with a K_hat measured before: only L(w0) (and the check) is computed."""
     total_steps = args.epochs * len(inputs.batches)
@@ -258,6 +274,7 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
     _check_plot_path(args.plot, args.k_hat)
     inputs = _inputs(args, device)
     inputs.model = inputs.model.to(device)
+    _probe(inputs, device)
     if args.k_hat is not None:
         suggestion = _given_k_hat(inputs, args, device)
     else:

@@ -3,7 +3,8 @@
 A spec names a Python object to import:
 
 * ``pkg.module:factory``: ``factory`` in the importable module ``pkg.module`` (the
-  current directory is searched first, as ``python -m`` does);
+  current directory is searched first, as ``python -m`` does; ``sys.path`` is restored
+  after the import);
 * ``path/to/file.py:factory``: ``factory`` in that file, loaded under a private module
   name with :func:`importlib.util.spec_from_file_location`;
 * ``attr.sub`` after the colon walks attributes (``module:Class.build``).
@@ -59,7 +60,8 @@ def _from_file(path_text: str, spec: str, what: str) -> ModuleType:
 
 def _import(module_name: str, spec: str, what: str) -> ModuleType:
     cwd = str(Path.cwd())
-    if cwd not in sys.path and "" not in sys.path:
+    added = cwd not in sys.path and "" not in sys.path
+    if added:  # for the import only: sys.path is restored below
         sys.path.insert(0, cwd)
     try:
         return importlib.import_module(module_name)
@@ -77,6 +79,9 @@ def _import(module_name: str, spec: str, what: str) -> ModuleType:
         raise ValueError(
             f"{what} {spec!r}: importing {module_name} failed: {type(err).__name__}: {err}"
         ) from err
+    finally:
+        if added:
+            sys.path.remove(cwd)
 
 
 def load_object(spec: str, *, what: str = "spec") -> Any:
