@@ -115,11 +115,12 @@ def test_verdicts_and_warning_text() -> None:
     rose = _report(final_loss=3.1)
     assert rose.loss_rose and not rose.curvature_grew
     assert "the loss rose from 2.3 to 3.1" in rose.warning
+    assert "too large for the start of this run" in rose.warning
     grew = _report(end_norm=19.0)
     assert grew.curvature_grew and not grew.loss_rose
     # The warning quotes the rule with the end norm: sqrt(2 * 2.3 / (19 * 30)) = 0.08983.
     assert "K_hat=1.7" in grew.warning and "2/lr = 6.667" in grew.warning
-    assert "gives 0.08983" in grew.warning
+    assert "gives 0.08983" in grew.warning and "under-estimates" in grew.warning
     gone = _report(final_loss=math.inf, end_norm=math.nan)
     assert gone.diverged and gone.loss_rose and "non-finite" in gone.warning
     # Equal is not worse: the rule is strict.
@@ -162,6 +163,13 @@ def test_bad_arguments(kwargs: dict, message: str) -> None:
     args = {"lr": 0.1, "k_hat": 1.0, "steps": 3, **kwargs}
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         check_step_size(_net(), F.cross_entropy, _data(), **args)
+
+
+def test_steps_stop_at_the_runs_end() -> None:
+    report = check_step_size(
+        _net(), F.cross_entropy, _data(), lr=0.01, k_hat=1.0, steps=10, total_steps=4
+    )
+    assert report.steps == 4 and len(report.step_losses) == 4 and report.total_steps == 4
 
 
 def test_needs_one_loss_and_batches() -> None:

@@ -110,7 +110,7 @@ def test_check_is_reported_in_text_and_json(capsys: pytest.CaptureFixture[str]) 
     text = capsys.readouterr().out
     assert "check: 3 Adam steps at lr=" in text and "vs K_hat" in text
     # A K_hat far below the truth gives a large lr, which the check flags.
-    assert main(["lr", *SPEC, "--k-hat", "0.001", "--epochs", "1", "--check", "5"]) == 0
+    assert main(["lr", *SPEC, "--k-hat", "0.001", "--epochs", "3", "--check", "5"]) == 0
     text = capsys.readouterr().out
     assert "warning: after 5 Adam steps" in text
 

@@ -131,7 +131,10 @@ class CheckReport:
                 f"the Hessian norm grew to {self.end_norm:.4g} > K_hat={self.k_hat:.4g} "
                 f"(2/lr = {self.stability_threshold:.4g})"
             )
-        advice = "curvature at w0 under-estimates the curvature along the run; use a smaller lr"
+        if self.curvature_grew:
+            advice = "curvature at w0 under-estimates the curvature along the run; use a smaller lr"
+        else:
+            advice = "the step is too large for the start of this run; use a smaller lr"
         if self.curvature_grew and self.total_steps is not None:
             rule = math.sqrt(2.0 * self.initial_loss / (self.end_norm * self.total_steps))
             advice += f" (the rule with K = {self.end_norm:.4g} gives {rule:.4g})"
@@ -231,7 +234,8 @@ def check_step_size(
             batch ``i mod len(batches)``; the end loss and norm are over all of them.
         lr: The step size to check (Adam with torch's default betas and eps).
         k_hat: The smoothness estimate ``lr`` came from.
-        steps: Adam steps to run, k.
+        steps: Adam steps to run, k; at most ``total_steps`` when that is given (the
+            check looks at a prefix of the run, not beyond its end).
         loss: ``loss(model, batch) -> mean loss`` for batches of any structure
             (instead of ``loss_fn``).
         batch_size: ``batch_size(batch) -> int``, the weight of a batch with ``loss``.
@@ -262,6 +266,8 @@ def check_step_size(
         raise ValueError("pass exactly one of loss_fn (for (inputs, targets) batches) or loss=")
     if batches is None:
         raise ValueError("batches is None; pass the training batches")
+    if total_steps is not None:
+        steps = min(steps, total_steps)
     start = time.perf_counter()
     device = next(model.parameters()).device
     extra = _loss_kwargs(loss, batch_size)
