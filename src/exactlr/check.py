@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +47,7 @@ from exactlr.curvature import (
     materialize_batches,
     training_loss_mode,
 )
-
-#: ``loss(model, batch) -> mean loss`` over one batch of any structure.
-ModelLoss = Callable[[nn.Module, Any], Tensor]
+from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
 
 
 @dataclass(frozen=True)
@@ -150,30 +148,9 @@ class CheckReport:
         )
 
 
-def _loss_kwargs(loss: ModelLoss | None, batch_size: Callable[[Any], int] | None) -> dict:
-    """Keywords for the curvature functions: the general loss contract when ``loss`` is set."""
-    if loss is None:
-        return {}
-    return {"loss": loss, "batch_size": batch_size}
-
-
-def _batch_loss(
-    model: nn.Module, loss_fn: LossFn | None, loss: ModelLoss | None, batch: Any
-) -> Tensor:
-    if loss is not None:
-        value = loss(model, batch)
-    else:
-        inputs, targets = batch
-        value = loss_fn(model(inputs), targets)  # type: ignore[misc]
-    if not isinstance(value, Tensor) or value.numel() != 1:
-        raise ValueError(f"the loss must be a scalar tensor (a mean loss), got {value!r}")
-    return value.reshape(())
-
-
 def _adam_prefix(
     trial: nn.Module,
-    loss_fn: LossFn | None,
-    loss: ModelLoss | None,
+    objective: Objective,
     data: list[Any],
     *,
     lr: float,
@@ -191,7 +168,9 @@ def _adam_prefix(
     with training_loss_mode(trial):
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            value = _batch_loss(trial, loss_fn, loss, data[step % len(data)])
+            value = objective.evaluate(trial, data[step % len(data)])
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise ValueError(f"the loss must be a scalar tensor (a mean loss), got {value!r}")
             losses.append(float(value.detach()))
             if not math.isfinite(losses[-1]):
                 break
@@ -217,7 +196,7 @@ def check_step_size(
     k_hat: float,
     steps: int,
     loss: ModelLoss | None = None,
-    batch_size: Callable[[Any], int] | None = None,
+    batch_size: BatchSize | None = None,
     initial_loss: float | None = None,
     total_steps: int | None = None,
     tol: float = 1e-2,
@@ -262,22 +241,17 @@ def check_step_size(
         (3, True)
     """
     _check_args(lr, k_hat, steps)
-    if (loss_fn is None) == (loss is None):
-        raise ValueError("pass exactly one of loss_fn (for (inputs, targets) batches) or loss=")
-    if batches is None:
-        raise ValueError("batches is None; pass the training batches")
+    objective = Objective(loss_fn, loss, batch_size)
     if total_steps is not None:
         steps = min(steps, total_steps)
     start = time.perf_counter()
     device = next(model.parameters()).device
-    extra = _loss_kwargs(loss, batch_size)
-    data = list(batches) if loss is not None else materialize_batches(batches, device)
-    if not data:
-        raise ValueError("batches is empty; pass at least one batch")
+    data = materialize_batches(batches, device, pairs=objective.pairs)
+    extra = {"loss": loss, "batch_size": batch_size}
     if initial_loss is None:
         initial_loss = full_loss(model, loss_fn, data, **extra)
     trial = copy.deepcopy(model)
-    losses = _adam_prefix(trial, loss_fn, loss, data, lr=lr, steps=steps)
+    losses = _adam_prefix(trial, objective, data, lr=lr, steps=steps)
     finite = all(math.isfinite(v) for v in losses) and all(
         bool(torch.isfinite(p).all()) for p in trial.parameters()
     )
