@@ -157,3 +157,15 @@ def test_check_steps_are_logged(tmp_path: Path) -> None:
 def test_bad_settings() -> None:
     with pytest.raises(ValueError, match="num_batches must be None or a positive integer"):
         ExactLR(num_batches=0)
+
+
+def test_readme_example_runs_as_written(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## In Lightning\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {"__name__": "readme"}
+    exec(compile(block, "README.md", "exec"), namespace)
+    s = namespace["exact"].suggestion
+    assert s.total_steps == 20 and s.check is not None and s.check.steps == 10
+    assert namespace["trainer"].optimizers[0].param_groups[0]["lr"] == s.lr

@@ -127,3 +127,15 @@ def test_model_output_loss_needs_labels() -> None:
 def test_bad_settings() -> None:
     with pytest.raises(ValueError, match="num_batches must be None or a positive integer"):
         ExactLRCallback(num_batches=-2)
+
+
+def test_readme_example_runs_as_written(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## In the Hugging Face Trainer\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    s = namespace["exact"].suggestion
+    assert s.total_steps == 12 == namespace["trainer"].state.global_step
+    assert namespace["trainer"].optimizer.param_groups[0]["lr"] == s.lr
