@@ -62,9 +62,9 @@ class TinyModule(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def _trainer(tmp_path: Path, callback: ExactLR, **kwargs: Any) -> pl.Trainer:
+def _trainer(tmp_path: Path, callback: ExactLR, epochs: int = EPOCHS, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(
-        max_epochs=EPOCHS,
+        max_epochs=epochs,
         accelerator="cpu",
         logger=pl.loggers.CSVLogger(tmp_path, name="run"),
         enable_checkpointing=False,
@@ -169,3 +169,20 @@ def test_readme_example_runs_as_written(monkeypatch: pytest.MonkeyPatch, tmp_pat
     s = namespace["exact"].suggestion
     assert s.total_steps == 20 and s.check is not None and s.check.steps == 10
     assert namespace["trainer"].optimizers[0].param_groups[0]["lr"] == s.lr
+
+
+def test_resuming_keeps_the_checkpoints_lr(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = TinyModule()
+    first = ExactLR(num_samples=2)
+    trainer = _trainer(tmp_path, first)
+    trainer.fit(module, DataLoader(_data(), batch_size=BATCH))
+    assert first.suggestion is not None
+    path = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(path)
+    again = ExactLR(num_samples=2)
+    resumed = TinyModule()
+    trainer = _trainer(tmp_path, again, epochs=EPOCHS + 1)
+    trainer.fit(resumed, DataLoader(_data(), batch_size=BATCH), ckpt_path=path)
+    assert again.suggestion is None
+    assert resumed.step_lrs == [[first.suggestion.lr]] * 3

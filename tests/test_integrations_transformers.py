@@ -139,3 +139,27 @@ def test_readme_example_runs_as_written(monkeypatch: pytest.MonkeyPatch, tmp_pat
     s = namespace["exact"].suggestion
     assert s.total_steps == 12 == namespace["trainer"].state.global_step
     assert namespace["trainer"].optimizer.param_groups[0]["lr"] == s.lr
+
+
+def test_resuming_keeps_the_checkpoints_lr(tmp_path: Path) -> None:
+    def trainer(epochs: int, callbacks: list) -> Trainer:
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            report_to=[],
+            per_device_train_batch_size=BATCH,
+            num_train_epochs=epochs,
+            lr_scheduler_type="constant",
+            save_strategy="epoch",
+            logging_strategy="no",
+            disable_tqdm=True,
+        )
+        return Trainer(model=_model(), args=args, train_dataset=_dataset(), callbacks=callbacks)
+
+    first = ExactLRCallback(num_samples=2)
+    trainer(1, [first]).train()
+    assert first.suggestion is not None
+    again, record = ExactLRCallback(num_samples=2), _RecordLR()
+    trainer(2, [again, record]).train(resume_from_checkpoint=True)
+    assert again.suggestion is None
+    assert record.lrs == [first.suggestion.lr] * math.ceil(NUM_EXAMPLES / BATCH)

@@ -27,10 +27,12 @@ LR schedulers configured by ``configure_optimizers`` are left alone: they were b
 from the optimizer's LR before the callback ran and compute their LR from their own
 ``base_lrs``, so they override the suggestion at their first step. The rule is a
 constant step; use it without a scheduler (the callback warns when one is configured).
-Resuming from a checkpoint restores the checkpoint's optimizer state, LR included. In a
-distributed run every process measures on its own shard of the data and all of them
-take rank 0's LR (``trainer.strategy.broadcast``).
-Manual optimisation (``automatic_optimization = False``) needs ``loss=``.
+When resuming (``fit(ckpt_path=...)``) the callback does nothing: the checkpoint's
+optimizer state, LR included, is restored. Iterating the train dataloader for the
+curvature draws one extra permutation from a shuffling sampler. In a distributed run
+every process measures on its own shard of the data and all of them take rank 0's LR
+(``trainer.strategy.broadcast``). Manual optimisation (``automatic_optimization =
+False``) needs ``loss=``.
 """
 
 from __future__ import annotations
@@ -162,6 +164,12 @@ class ExactLR(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measures the LR and writes it into ``trainer.optimizers``."""
+        if trainer.ckpt_path is not None:
+            rank_zero_info(
+                f"ExactLR: resuming from {trainer.ckpt_path}; the LR is the checkpoint's "
+                "(the rule is measured at the start of a run, not mid-run)"
+            )
+            return
         loss = self.loss
         if loss is None:
             if not pl_module.automatic_optimization:

@@ -21,10 +21,12 @@ constant step; with another schedule (the default is ``"linear"`` decay) the sch
 shape is kept with the suggestion as its peak, and the callback warns, since the rule
 is a constant step. The default optimizer is AdamW with ``weight_decay=0`` (Adam).
 
-In a distributed run every process measures on its own shard of the data and all of
-them take rank 0's LR. Drawing the curvature batches iterates the train dataloader once
-before the first epoch (a shuffling sampler draws one extra permutation). The result is
-kept in :attr:`ExactLRCallback.suggestion` and written to the ``transformers`` logger.
+When resuming from a checkpoint (``state.global_step > 0``) the callback does nothing:
+the checkpoint's optimizer and scheduler state are kept. In a distributed run every
+process measures on its own shard of the data and all of them take rank 0's LR.
+Drawing the curvature batches iterates the train dataloader once before the first epoch
+(a shuffling sampler draws one extra permutation). The result is kept in
+:attr:`ExactLRCallback.suggestion` and written to the ``transformers`` logger.
 """
 
 from __future__ import annotations
@@ -128,6 +130,12 @@ class ExactLRCallback(TrainerCallback):
                 "ExactLRCallback needs the Trainer's model, optimizer and train dataloader "
                 "at on_train_begin; pass it in Trainer(callbacks=[...])"
             )
+        if state.global_step > 0:
+            logger.info(
+                f"ExactLR: resuming at step {state.global_step}; the LR is the checkpoint's "
+                "(the rule is measured at the start of a run, not mid-run)"
+            )
+            return
         if state.max_steps is None or state.max_steps < 1:
             raise ValueError(f"the run's length is not known ({state.max_steps=}); set max_steps")
         device = next(model.parameters()).device
