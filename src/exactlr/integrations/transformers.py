@@ -163,10 +163,11 @@ class ExactLRCallback(TrainerCallback):
             f"ExactLR: lr = sqrt(2 L(w0) / (K_hat T)) = {s.lr:.6g} (L(w0) {s.initial_loss:.6g}, "
             f"K_hat {s.k_hat:.6g}, T {s.total_steps})"
         )
-        if str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) != "constant":
+        schedule = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+        if schedule != "constant":
             logger.warning(
-                f"ExactLR: lr_scheduler_type={args.lr_scheduler_type!s} scales the suggested LR "
-                "over the run; the rule is a constant step: lr_scheduler_type='constant'"
+                f"ExactLR: lr_scheduler_type='{schedule}' scales the suggested LR over the "
+                "run; the rule is a constant step: lr_scheduler_type='constant'"
             )
         if s.warning is not None:
             logger.warning(f"ExactLR safety check: {s.warning}")
