@@ -17,15 +17,17 @@ It also reports ``2 / lr``, the classical stability threshold of a step of size 
 along a direction of curvature ``||H||``: a norm above it means the step overshoots
 there (for Adam's preconditioned step this is a reference point, not a proof).
 
-Cost: ``steps`` gradients of one batch each, plus one spectral norm (a few to a few
-dozen full-data Hessian-vector products, Lanczos to ``tol``). ``benchmarks/`` has no
-timing for it; the measured numbers are in ``docs/safety_check.md``.
+Cost: ``steps`` gradients of one batch each, plus one spectral norm (a few full-data
+Hessian-vector products, Lanczos to ``tol``); ``benchmarks/safety_check.py`` measures
+it beside ``suggest_lr`` on the paper's presets (``docs/safety_check.md``).
 
 What it does not guarantee: a check that passes says only that the first ``steps``
 steps neither raised the loss nor met curvature above ``K_hat``. Curvature can still
 grow later in the run (the check sees a prefix of it), and a loss that fell over the
-prefix can rise afterwards. A check that fails is strong evidence the step is too
-large for the start of this run. The model itself is never changed.
+prefix can rise afterwards; Adam's first few steps at a large step often raise the loss
+briefly, so ``steps`` should be 10 or more (``docs/safety_check.md``). A check that
+fails is strong evidence the step is too large for the start of this run. The model
+itself is never changed.
 """
 
 from __future__ import annotations
