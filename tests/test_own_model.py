@@ -479,3 +479,16 @@ def test_readme_own_model_examples_run_as_written() -> None:
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["s"].lr > 0
+
+
+def test_batch_encoding_batches_keep_their_class_and_give_the_same_curvature() -> None:
+    transformers, model = _gpt2()
+    data = _padded_lm_batches()
+    encoded = [transformers.BatchEncoding(dict(b)) for b in data]
+    moved = to_device(encoded[0], torch.device("cpu"))
+    assert isinstance(moved, transformers.BatchEncoding) and moved is not encoded[0]
+    kwargs = dict(loss=hf_loss, tol=1e-8, generator=torch.Generator().manual_seed(0))
+    as_dicts = hessian_spectral_norm(model, batches=data, **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    as_encodings = hessian_spectral_norm(model, batches=encoded, **kwargs)
+    assert as_encodings.value == as_dicts.value

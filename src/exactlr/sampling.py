@@ -51,10 +51,16 @@ def draw_model(make_model: MakeModel, seed: int) -> nn.Module:
 
 
 def is_transformers_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a ``transformers.PreTrainedModel`` (without importing it)."""
-    module = sys.modules.get("transformers")
+    """Whether ``model`` is a ``transformers.PreTrainedModel`` (without importing it:
+    if ``transformers.modeling_utils`` is not loaded, no such model exists)."""
+    module = sys.modules.get("transformers.modeling_utils")
     base = getattr(module, "PreTrainedModel", None) if module is not None else None
     return base is not None and isinstance(model, base)
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    """The CUDA devices of the model's parameters (whose RNGs an init may use)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
 def _signature(model: nn.Module) -> list[tuple]:
@@ -83,7 +89,7 @@ def _transformers_init_(model: nn.Module) -> nn.Module:
     The ``_is_hf_initialized`` marks that ``transformers`` leaves on modules and tensors
     (which make its own ``init_weights`` skip them) are cleared first.
     """
-    base = sys.modules["transformers"].PreTrainedModel
+    base = sys.modules["transformers.modeling_utils"].PreTrainedModel
     for obj in [*model.modules(), *model.parameters(), *model.buffers()]:
         if hasattr(obj, "_is_hf_initialized"):
             delattr(obj, "_is_hf_initialized")
@@ -115,7 +121,7 @@ def _check_in_place(model: nn.Module, init_: Callable[[nn.Module], nn.Module]) -
         for p in probe.parameters():
             if p.is_floating_point() or p.is_complex():
                 p.fill_(float("nan"))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=_cuda_devices(model)):
         init_(probe)
     names = [n for n, p in probe.named_parameters() if p.is_floating_point() and p.isnan().any()]
     if names:
