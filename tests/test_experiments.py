@@ -250,10 +250,10 @@ def test_run_name_holds_betas_and_t_is_computed_once() -> None:
     assert capped.total_steps(200) == 6  # the first 128 samples: 2 batches per epoch
 
 
-def test_lr_keys_are_typed_and_name_their_files() -> None:
+def test_lr_keys_are_typed_and_name_their_files(no_data: None) -> None:
     from exactlr.paper.lrcache import LRKey
 
-    plan = next(p for p in resolve_figure("fig1", "smoke", data_dir="/none") if p.role == "ours")
+    plan = next(p for p in resolve_figure("fig1", "smoke") if p.role == "ours")
     key = plan.lr_key
     assert isinstance(key, LRKey) and key == LRKey.of(plan.config, 2)
     assert key.to_filename() == "synthetic-full-n256__fc3x32__paper__bfull__e3__seed0__k2"

@@ -10,7 +10,7 @@ paper's sizes), the method set :data:`FIGURE_METHODS` (``--methods paper``: the 
 own comparison) and the init preset ``init="paper"`` of :mod:`exactlr.models`.
 
 Example:
-    >>> plans = resolve_figure("fig1", "smoke", data_dir="/nonexistent")
+    >>> plans = resolve_figure("fig1", "cpu")
     >>> sorted({p.role for p in plans})
     ['ours', 'scheduler']
 """
