@@ -1,10 +1,11 @@
 """Extreme eigenvalues of a symmetric operator given only as a matvec (pure functions).
 
-:func:`lanczos` (full reorthogonalisation, a-posteriori Ritz error bound),
-:func:`lanczos_batched` (one Lanczos per operator, in lockstep, sharing products) and
-:func:`power_iteration`. The vectors stay on their device; each product brings two
-scalars to the host in one copy (the stopping rules need them), and the small tridiagonal
-algebra runs there in numpy.
+:func:`lanczos` (block Lanczos with full reorthogonalisation, a-posteriori Ritz error
+bound), :func:`lanczos_batched` (one Lanczos per operator, in lockstep, sharing products)
+and :func:`power_iteration` (residual stop). The vectors stay on their device; each
+product brings its column of the projected matrix and one norm to the host in one copy
+(the stopping rules need them), and the small dense algebra runs there in numpy. Every
+result names what its bound certifies (:class:`EigenResult`).
 """
 
 from __future__ import annotations
@@ -232,8 +233,8 @@ def lanczos(
     block of ``b`` start vectors (``v0`` of shape ``(b, dim)``) makes it far less likely
     (the block must miss the eigenvector in every start vector, and a cluster of up to
     ``b`` eigenvalues converges at the rate of the gap behind it), at the price of a
-    Krylov degree that grows ``b`` times slower per product. ``tests/
-    test_solvers_reference.py`` measures the misses against dense eigenvalues.
+    Krylov degree that grows ``b`` times slower per product.
+    ``tests/test_solvers_reference.py`` counts the misses against dense eigenvalues.
 
     Args:
         matvec: ``v -> A v`` for a symmetric ``A``.
