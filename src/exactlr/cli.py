@@ -26,12 +26,15 @@ from exactlr.allocator import keep_freed_memory
 from exactlr.data import load_dataset, make_batches
 from exactlr.models import build_model
 from exactlr.paper import ray_executor
+from exactlr.paper.campaign import all_jobs, pick_scale
+from exactlr.paper.estimate import calibrate_speed, estimate_jobs, format_estimate
 from exactlr.paper.figures import get_figure, list_figures
 from exactlr.paper.planning import parse_methods
 from exactlr.paper.report import figure_report, format_markdown
 from exactlr.paper.runconfig import steps_per_epoch
 from exactlr.paper.runner import run_figure
 from exactlr.paper.scales import Scale, parse_scale
+from exactlr.paper.seeds import format_seeds_markdown, parse_seeds, seeds_report
 from exactlr.paper.store import (
     check_out_dir,
     manifest_path,
@@ -88,6 +91,27 @@ def methods_arg(text: str) -> tuple[str, ...]:
         return parse_methods(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"--methods {text!r}: {err}") from None
+
+
+def seeds_arg(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated base seeds (``0,1,2``)."""
+    try:
+        return parse_seeds(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def speed_arg(text: str) -> float | str:
+    """argparse type: ``auto`` (calibrate on the device) or a positive number."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {text!r}")
+    return value
 
 
 def share_arg(text: str) -> float:
@@ -269,21 +293,73 @@ def _num_threads(args: argparse.Namespace, scale: Scale, device: torch.device) -
     return scale.num_threads if device.type == "cpu" else None
 
 
+def _speed(args: argparse.Namespace) -> tuple[float | dict[str, float], str]:
+    """The device's speed for the estimate (``--speed``; by default calibrated on a GPU,
+    1 on a CPU) and a note on where it came from."""
+    if isinstance(args.speed, float):
+        return args.speed, "--speed"
+    wants_gpu = args.device.startswith("cuda") or args.device == "auto"
+    if wants_gpu and torch.cuda.is_available():
+        return calibrate_speed(resolve_device(args.device)), "calibrated"
+    if wants_gpu:
+        return 1.0, "no GPU here to calibrate on; pass --speed"
+    if args.speed == "auto":
+        return calibrate_speed("cpu"), "calibrated"
+    return 1.0, "the reference machine"
+
+
+def _print_estimate(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> None:
+    speed, source = _speed(args)
+    out = Path(args.out)
+    est = estimate_jobs(
+        jobs,
+        args.scale,
+        out_dir=out if out.is_dir() else None,
+        data_dir=args.data_dir,
+        speed=speed,
+    )
+    print(format_estimate(est, f"{args.device} (speed: {source})"), flush=True)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    _check_figure(args.figure, args.scale)
+    _check_figure("fig1" if args.figure == "all" else args.figure, args.scale)
+    if args.figure == "all":
+        jobs = all_jobs(args.seeds)
+    else:
+        jobs = [(args.figure, seed) for seed in args.seeds or (args.seed,)]
+    if args.figure == "all" or args.dry_run:
+        _print_estimate(args, jobs)
+        if args.dry_run:
+            return 0
     out = _out_dir(args.out, create=True)
     device = resolve_device(args.device)
     if args.address is not None and args.executor != "ray":
         raise UsageError("--address is only used with --executor ray")
-    runner = _ray_runner(args.address) if args.executor == "ray" else None
     start = time.perf_counter()
+    count = sum(_run_one(args, figure, seed, out, device) for figure, seed in jobs)
+    figures = sorted({f for f, _ in jobs}, key=[f for f, _ in jobs].index)
+    seeds = sorted({s for _, s in jobs})
+    print(
+        f"{', '.join(figures)} ({args.scale}, seeds {','.join(map(str, seeds))}): {count} "
+        f"runs in {out}/runs ({time.perf_counter() - start:.1f} s); next: exactlr report "
+        f"FIG --scale {args.scale} --out {out}"
+        + (f" --seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else "")
+    )
+    return 0
+
+
+def _run_one(
+    args: argparse.Namespace, figure: str, seed: int, out: Path, device: torch.device
+) -> int:
+    """Runs (or resumes) one figure at one base seed; returns its number of runs."""
+    runner = _ray_runner(args.address) if args.executor == "ray" else None
     try:
         paths = run_figure(
-            args.figure,
+            figure,
             scale=args.scale,
             out_dir=out,
             device=device,
-            seed=args.seed,
+            seed=seed,
             data_dir=args.data_dir,
             progress=not args.quiet,
             epochs=args.epochs,
@@ -298,12 +374,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         if runner is not None:
             runner.close()
-    print(
-        f"{args.figure} ({args.scale}): {len(paths)} runs in {out}/runs "
-        f"({time.perf_counter() - start:.1f} s); next: exactlr report {args.figure} "
-        f"--scale {args.scale} --out {out}"
-    )
-    return 0
+    return len(paths)
+
+
+def _scale_of(args: argparse.Namespace, out: Path) -> str:
+    """``--scale``, else the one scale of the figure's results in ``out``."""
+    if args.scale is None:
+        try:
+            args.scale = pick_scale(out, args.figure)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    return args.scale
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -312,6 +393,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     _check_figure(args.figure, args.scale)
     out = _out_dir(args.out)
+    _scale_of(args, out)
     _no_results(args.figure, args.scale, out)
     paths = plot_figure(args.figure, out_dir=out, scale=args.scale)
     with contextlib.suppress(FileNotFoundError):  # runs made elsewhere may lack the cache
@@ -323,20 +405,42 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_report(figure: str, scale: str, out: Path) -> tuple[dict, str, Path]:
-    report = figure_report(figure, out_dir=out, scale=scale)
+def _write_report(figure: str, scale: str, out: Path, seed: int = 0) -> tuple[dict, str, Path]:
+    report = figure_report(figure, out_dir=out, scale=scale, seed=seed)
     text = format_markdown(report)
-    md_path = report_path(out, figure, scale)
+    md_path = report_path(out, figure, scale, seed)
     write_text_atomic(md_path, text)
     write_json_atomic(md_path.with_suffix(".json"), report)
     return report, text, md_path
 
 
+def _seeds_report(args: argparse.Namespace, out: Path) -> tuple[dict, str]:
+    """Each seed's report written as usual, and their aggregate (``-seeds``)."""
+    for seed in args.seeds:
+        if not manifest_path(out, args.figure, args.scale, seed).is_file():
+            raise UsageError(
+                f"no results of {args.figure} at scale {args.scale} with seed {seed} in "
+                f"{out}; run `exactlr run {args.figure} --scale {args.scale} --out {out} "
+                f"--seeds {','.join(map(str, args.seeds))}` first"
+            )
+        _write_report(args.figure, args.scale, out, seed)
+    report = seeds_report(args.figure, out_dir=out, scale=args.scale, seeds=args.seeds)
+    text = format_seeds_markdown(report)
+    path = report_path(out, args.figure, f"{args.scale}-seeds")
+    write_text_atomic(path, text)
+    write_json_atomic(path.with_suffix(".json"), report)
+    return report, text
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     _check_figure(args.figure, args.scale)
     out = _out_dir(args.out)
-    _no_results(args.figure, args.scale, out)
-    report, text, _ = _write_report(args.figure, args.scale, out)
+    _scale_of(args, out)
+    if args.seeds is not None and args.seeds != (0,):
+        report, text = _seeds_report(args, out)
+    else:
+        _no_results(args.figure, args.scale, out)
+        report, text, _ = _write_report(args.figure, args.scale, out)
     if args.format == "json":
         print(json.dumps(report, indent=2, allow_nan=False))
     else:
@@ -432,9 +536,35 @@ def _add_run_command(sub: Any) -> None:
     """``exactlr run``."""
     scales = "smoke (seconds, plumbing only), cpu (reduced, laptop) or paper (full size)"
     run = sub.add_parser("run", help="run (or resume) the runs of one of the paper's figures")
-    run.add_argument("figure", help="fig1 .. fig16, init or demo (see `exactlr list`)")
+    run.add_argument(
+        "figure",
+        help="fig1 .. fig16, init or demo (see `exactlr list`); all: every figure, with "
+        "fig1 and fig6 also on seeds 1 and 2 (its time is estimated first)",
+    )
     run.add_argument("--scale", default="cpu", help=scales)
     run.add_argument("--out", default="results", help="results folder (default: results)")
+    run.add_argument(
+        "--seeds",
+        type=seeds_arg,
+        default=None,
+        metavar="LIST",
+        help="base seeds, e.g. 0,1,2: the figure once per seed, each drawing its own data "
+        "subset and w0 (default: --seed); `exactlr report --seeds` aggregates them",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the runs and the estimated time (what OUT already holds counts as "
+        "done), run nothing",
+    )
+    run.add_argument(
+        "--speed",
+        type=speed_arg,
+        default=None,
+        metavar="X|auto",
+        help="for the estimate: how many times faster this device is than the reference "
+        "machine (2 CPU cores); auto: measure it (default on a GPU; else 1)",
+    )
     run.add_argument("--epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
     run.add_argument(
         "--checkpoint-every",
@@ -483,17 +613,27 @@ def _add_run_command(sub: Any) -> None:
 def _add_other_commands(sub: Any) -> None:
     """``exactlr plot``, ``report``, ``list`` and ``demo``."""
     scales = "smoke (seconds, plumbing only), cpu (reduced, laptop) or paper (full size)"
+    scales += "; default: the one scale OUT holds"
     plot = sub.add_parser("plot", help="draw a figure from its result files")
     plot.add_argument("figure")
     plot.add_argument("--out", default="results", help="results folder (default: results)")
-    plot.add_argument("--scale", default="cpu", help=scales)
+    plot.add_argument("--scale", default=None, help=scales)
     plot.set_defaults(func=_cmd_plot)
 
     report = sub.add_parser("report", help="verdict table of a figure from its result files")
     report.add_argument("figure")
     report.add_argument("--out", default="results", help="results folder (default: results)")
-    report.add_argument("--scale", default="cpu", help=scales)
+    report.add_argument("--scale", default=None, help=scales)
     report.add_argument("--format", default="md", choices=["md", "json"])
+    report.add_argument(
+        "--seeds",
+        type=seeds_arg,
+        default=None,
+        metavar="LIST",
+        help="base seeds to aggregate, e.g. 0,1,2 (median and range of each method's "
+        "final gradient norm, how often ours ends lowest; also written as "
+        "reports/FIG-SCALE-seeds.md); default: seed 0 alone",
+    )
     report.set_defaults(func=_cmd_report)
 
     lister = sub.add_parser("list", help="the figures and scales")

@@ -50,6 +50,7 @@ class LRKey:
     epochs: int | None
     seed: int
     num_samples: int | None
+    data_seed: int = 0
 
     @classmethod
     def of(cls, cfg: TrainConfig, num_samples: int) -> LRKey:
@@ -66,6 +67,7 @@ class LRKey:
             epochs=cfg.epochs,
             seed=cfg.seed,
             num_samples=num_samples,
+            data_seed=cfg.data_seed,
         )
 
     def smoothness_key(self) -> LRKey:
@@ -87,6 +89,8 @@ class LRKey:
         name += f"__seed{self.seed}"
         if self.num_samples is not None:
             name += f"__k{self.num_samples}"
+        if self.data_seed != 0:
+            name += f"__data{self.data_seed}"
         return name
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +108,8 @@ def _shared_estimate(out_dir: Path, key: LRKey) -> dict[str, Any] | None:
         except ValueError:
             continue
         setting = entry.get("setting") if isinstance(entry, dict) else None
-        if isinstance(setting, dict) and {**setting, "epochs": None} == wanted:
+        # Entries written before ``data_seed`` existed drew their data with seed 0.
+        if isinstance(setting, dict) and {"data_seed": 0, **setting, "epochs": None} == wanted:
             return entry
     return None
 

@@ -285,6 +285,7 @@ def _row_runs(
                 eps=setting.eps,
                 num_train=setting.num_train,
                 curvature_every=curvature_every,
+                data_seed=seed,
             )
             runs.append(
                 PlannedRun(
@@ -325,7 +326,9 @@ def resolve_figure(
     Args:
         name: Figure name (see :func:`exactlr.paper.figures.figure_names`).
         scale: A :class:`~exactlr.paper.scales.Scale` or its name.
-        seed: Base seed (weights w0, K_hat samples, batch order).
+        seed: Base seed: it draws the data (``data_seed``) and, plus a variation's
+            ``seed_offset``, the weights w0, the K_hat samples and the batch order. Seed
+            0 is the figure as first run; other seeds are its replicates.
         data_dir: Data root; at smoke scale, decides between real and synthetic data.
         epochs: Override every run's epoch count (for quick checks of the demo).
         methods: Method sets (:data:`METHOD_SETS`): :data:`FIGURE_METHODS` (the
