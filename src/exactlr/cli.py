@@ -27,14 +27,14 @@ from exactlr.data import load_dataset, make_batches
 from exactlr.models import build_model
 from exactlr.paper import ray_executor
 from exactlr.paper.campaign import all_jobs, pick_scale
-from exactlr.paper.estimate import calibrate_speed, estimate_jobs, format_estimate
+from exactlr.paper.estimate import device_speed, estimate_jobs, format_estimate
 from exactlr.paper.figures import get_figure, list_figures
 from exactlr.paper.planning import parse_methods
 from exactlr.paper.report import figure_report, format_markdown
 from exactlr.paper.runconfig import steps_per_epoch
 from exactlr.paper.runner import run_figure
 from exactlr.paper.scales import Scale, parse_scale
-from exactlr.paper.seeds import format_seeds_markdown, parse_seeds, seeds_report
+from exactlr.paper.seeds import parse_seeds, write_seeds_report
 from exactlr.paper.store import (
     check_out_dir,
     manifest_path,
@@ -257,12 +257,16 @@ def _out_dir(text: str, *, create: bool = False) -> Path:
         raise UsageError(f"--out: {err}") from None
 
 
-def _no_results(figure: str, scale: str, out: Path) -> None:
-    """Raises `UsageError` when `out` holds no result of `figure` at `scale`."""
-    if not manifest_path(out, figure, scale).is_file():
+def _no_results(
+    figure: str, scale: str, out: Path, seed: int = 0, seeds: Sequence[int] = ()
+) -> None:
+    """Raises `UsageError` when `out` holds no result of `figure` at `scale` (and
+    base seed `seed`, one of `seeds`)."""
+    if not manifest_path(out, figure, scale, seed).is_file():
+        listed = f" --seeds {','.join(map(str, seeds))}" if seeds else ""
         raise UsageError(
-            f"no results of {figure} at scale {scale} in {out}; run `exactlr run {figure} "
-            f"--scale {scale} --out {out}` first"
+            f"no results of {figure} at scale {scale}{f' with seed {seed}' if seed else ''} "
+            f"in {out}; run `exactlr run {figure} --scale {scale} --out {out}{listed}` first"
         )
 
 
@@ -293,23 +297,8 @@ def _num_threads(args: argparse.Namespace, scale: Scale, device: torch.device) -
     return scale.num_threads if device.type == "cpu" else None
 
 
-def _speed(args: argparse.Namespace) -> tuple[float | dict[str, float], str]:
-    """The device's speed for the estimate (``--speed``; by default calibrated on a GPU,
-    1 on a CPU) and a note on where it came from."""
-    if isinstance(args.speed, float):
-        return args.speed, "--speed"
-    wants_gpu = args.device.startswith("cuda") or args.device == "auto"
-    if wants_gpu and torch.cuda.is_available():
-        return calibrate_speed(resolve_device(args.device)), "calibrated"
-    if wants_gpu:
-        return 1.0, "no GPU here to calibrate on; pass --speed"
-    if args.speed == "auto":
-        return calibrate_speed("cpu"), "calibrated"
-    return 1.0, "the reference machine"
-
-
 def _print_estimate(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> None:
-    speed, source = _speed(args)
+    speed, source = device_speed(args.device, args.speed)
     out = Path(args.out)
     est = estimate_jobs(
         jobs,
@@ -414,30 +403,17 @@ def _write_report(figure: str, scale: str, out: Path, seed: int = 0) -> tuple[di
     return report, text, md_path
 
 
-def _seeds_report(args: argparse.Namespace, out: Path) -> tuple[dict, str]:
-    """Each seed's report written as usual, and their aggregate (``-seeds``)."""
-    for seed in args.seeds:
-        if not manifest_path(out, args.figure, args.scale, seed).is_file():
-            raise UsageError(
-                f"no results of {args.figure} at scale {args.scale} with seed {seed} in "
-                f"{out}; run `exactlr run {args.figure} --scale {args.scale} --out {out} "
-                f"--seeds {','.join(map(str, args.seeds))}` first"
-            )
-        _write_report(args.figure, args.scale, out, seed)
-    report = seeds_report(args.figure, out_dir=out, scale=args.scale, seeds=args.seeds)
-    text = format_seeds_markdown(report)
-    path = report_path(out, args.figure, f"{args.scale}-seeds")
-    write_text_atomic(path, text)
-    write_json_atomic(path.with_suffix(".json"), report)
-    return report, text
-
-
 def _cmd_report(args: argparse.Namespace) -> int:
     _check_figure(args.figure, args.scale)
     out = _out_dir(args.out)
     _scale_of(args, out)
     if args.seeds is not None and args.seeds != (0,):
-        report, text = _seeds_report(args, out)
+        for seed in args.seeds:
+            _no_results(args.figure, args.scale, out, seed, args.seeds)
+            _write_report(args.figure, args.scale, out, seed)
+        report, text = write_seeds_report(
+            args.figure, out_dir=out, scale=args.scale, seeds=args.seeds
+        )
     else:
         _no_results(args.figure, args.scale, out)
         report, text, _ = _write_report(args.figure, args.scale, out)

@@ -56,6 +56,7 @@ __all__ = [
     "arch_cost",
     "arch_family",
     "calibrate_speed",
+    "device_speed",
     "estimate_jobs",
     "format_estimate",
     "probe_seconds",
@@ -345,3 +346,20 @@ def calibrate_speed(
     machine (a few seconds on a GPU). Small probes on a GPU are bound by kernel launches
     more than a full epoch is, so the estimate errs long."""
     return {f: PROBE_REFERENCE_S[f] / probe_seconds(device, f) for f in families}
+
+
+def device_speed(device: str, speed: float | str | None) -> tuple[float | dict[str, float], str]:
+    """The speed for an estimate on ``device`` (a name: ``cpu``, ``cuda``, ``auto``) and
+    where it came from: ``speed`` when a number; ``"auto"``, or None on a GPU, calibrates
+    (:func:`calibrate_speed`); None on a CPU, or for a GPU this machine lacks (a dry run
+    planned elsewhere), 1."""
+    if isinstance(speed, (int, float)):
+        return float(speed), "--speed"
+    wants_gpu = device.startswith("cuda") or device == "auto"
+    if wants_gpu and torch.cuda.is_available():
+        return calibrate_speed("cuda" if device == "auto" else device), "calibrated"
+    if wants_gpu:
+        return 1.0, "no GPU here to calibrate on; pass --speed"
+    if speed == "auto":
+        return calibrate_speed("cpu"), "calibrated"
+    return 1.0, "the reference machine"

@@ -26,8 +26,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from exactlr.paper.report import figure_report
+from exactlr.paper.store import report_path, write_json_atomic, write_text_atomic
 
-__all__ = ["format_seeds_markdown", "parse_seeds", "seeds_report", "spread"]
+__all__ = [
+    "format_seeds_markdown",
+    "parse_seeds",
+    "seeds_report",
+    "spread",
+    "write_seeds_report",
+]
 
 
 def parse_seeds(text: str | Sequence[int]) -> tuple[int, ...]:
@@ -295,3 +302,16 @@ def format_seeds_markdown(report: dict[str, Any]) -> str:
     for seed, missing in report.get("missing", {}).items():
         out.append(f"Missing runs of seed {seed} (not finished yet): {', '.join(missing)}")
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def write_seeds_report(
+    name: str, *, out_dir: str | os.PathLike[str], scale: str, seeds: Sequence[int]
+) -> tuple[dict[str, Any], str]:
+    """:func:`seeds_report` written to ``out_dir/reports/<name>-<scale>-seeds.md`` (and
+    ``.json``); returns the report and its Markdown."""
+    report = seeds_report(name, out_dir=out_dir, scale=scale, seeds=seeds)
+    text = format_seeds_markdown(report)
+    path = report_path(out_dir, name, f"{scale}-seeds")
+    write_text_atomic(path, text)
+    write_json_atomic(path.with_suffix(".json"), report)
+    return report, text
