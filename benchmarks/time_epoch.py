@@ -80,7 +80,7 @@ def main() -> None:
         total_steps=cfg.total_steps(n_train),
         num_samples=1,
         generator=torch.Generator().manual_seed(1),
-        method="lanczos",
+        options=scale.spectral_options,
     )
     hvps = suggestion.estimate.records[0].num_hvps
     _report(f"one K_hat sample, {hvps} products (unit: hvp-image)", start, hvps * n_train)
