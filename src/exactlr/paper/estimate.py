@@ -5,6 +5,7 @@ The model counts work in *image passes* and prices them per architecture:
 * a training epoch costs ``2 n_train + n_test / 3`` gradient-image passes: the training
   pass, the per-epoch metrics' full-data gradient (which also gives the loss) and a
   forward pass over the test set (a forward pass ~ a third of a forward-and-backward);
+  the metrics at w0 add ``n_train + n_test / 3`` once per run;
 * one K_hat weight sample costs ``hvps_per_sample`` Hessian-vector products over the
   whole training set, each priced per image (:attr:`ArchCost.hvp_image_s`).
 
@@ -90,12 +91,13 @@ class ArchCost:
 #: and fig7 cpu (12,000 images, batch 2,000: 2.2 s an epoch, which the model predicts
 #: within 15%). FC 3x1000: ``exactlr run fig3 --scale cpu`` (batch 2,000: 4.2 s an
 #: epoch; full batch is 1.7x cheaper per image, so this errs long) and fig1 cpu (K_hat).
-#: VGG-9: ``benchmarks/time_epoch.py vgg9`` (one cpu-scale epoch of fig10 and one K_hat
-#: sample on mini-CIFAR-10, 1,000 images, batch 250).
+#: VGG-9: ``python benchmarks/time_epoch.py fig10 --scale cpu`` (one epoch on 1,000
+#: mini-CIFAR-10 images, batch 250, and Lanczos products of a K_hat sample; the machine
+#: was shared, so CPU seconds / 2 threads, not the wall time).
 REFERENCE_COSTS: dict[str, ArchCost] = {
     "lenet": ArchCost(9.1e-5, 7.0e-4, 13.0, "fig6 paper, fig7 cpu result files"),
     "fc3x1000": ArchCost(1.5e-4, 3.4e-4, 13.0, "fig3 cpu, fig1 cpu result files"),
-    "vgg9": ArchCost(3.6e-3, 1.4e-2, 13.0, "benchmarks/time_epoch.py vgg9"),
+    "vgg9": ArchCost(1.3e-2, 1.4e-2, 13.0, "benchmarks/time_epoch.py fig10 --scale cpu"),
 }
 
 #: Parameters of FC 3x1000 on MNIST, the unit for pricing other FC nets.
@@ -159,7 +161,7 @@ def training_seconds(plan: PlannedRun) -> float:
     """Reference seconds of one run's training and per-epoch metrics."""
     train, test = _sizes(plan)
     cost = arch_cost(plan.config.model, plan.config.dataset)
-    return plan.config.epochs * (2 * train + test / 3) * cost.grad_image_s
+    return (plan.config.epochs * (2 * train + test / 3) + train + test / 3) * cost.grad_image_s
 
 
 def khat_seconds(plan: PlannedRun) -> float:
