@@ -84,22 +84,20 @@ def _tail_lines(t: dict[str, Any]) -> list[str]:
         ]
     if not t:
         return []
+    judged = {name: t[name] for name in _TAIL_WORDS if t.get(name)}
+    if not judged:
+        return []
+    k = t["tail_epochs"]
+    if not t.get("disagree"):
+        return [f"- By the median of the last {k} epoch(s): the same verdicts"]
     lines = []
-    for name, words in _TAIL_WORDS.items():
-        v = t.get(name)
-        if v is None:
-            continue
-        if v["final"] == v["tail"]:
-            lines.append(
-                f"- By the median of the last {t['tail_epochs']} epoch(s) too, {words}: "
-                f"{_yes_no(v['tail'])}"
-            )
-        else:
-            lines.append(
-                f"- **Final value and median of the last {t['tail_epochs']} epoch(s) "
-                f"disagree** on {words}: {_yes_no(v['final'])} by the final value, "
-                f"{_yes_no(v['tail'])} by the median (lowest other: {v['best_tail']})"
-            )
+    for name in t["disagree"]:
+        v = judged[name]
+        lines.append(
+            f"- **Final value and median of the last {k} epoch(s) disagree** on "
+            f"{_TAIL_WORDS[name]}: {_yes_no(v['final'])} by the final value, "
+            f"{_yes_no(v['tail'])} by the median (lowest other: {v['best_tail']})"
+        )
     return lines
 
 
