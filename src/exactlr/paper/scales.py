@@ -7,7 +7,7 @@ how many test images it evaluates on.
 
 * ``paper``: the paper's sizes, 100 epochs, K_hat from 20 weight samples (Lanczos).
 * ``cpu``: one MNIST figure in well under 30 minutes on 2 CPU cores, widths kept; a
-  VGG-9 figure in under an hour (500 images), fig5 in about an hour and a half.
+  VGG-9 figure in under an hour (500 images), fig5 (12 K_hat estimates) in about one.
 * ``smoke``: seconds per figure (a few hundred images, width-32 nets, 2-4 epochs,
   2 K_hat samples), for tests and for checking the plumbing; its numbers mean nothing.
 
@@ -92,7 +92,7 @@ _DESCRIPTIONS = {
         "take under an hour each (a VGG-9 epoch of 1,000 images, metrics included, costs "
         "~60 CPU seconds); "
         "fig5 keeps its batch sizes 256..2048 on 6,000 MNIST images, divides them by 16 "
-        "(16..128) for VGG-9 and takes K_hat from 3 samples in every row (it needs 12 "
+        "(16..128) for VGG-9 and takes K_hat from 2 samples in every row (it needs 12 "
         "estimates); elsewhere K_hat from 5 weight samples"
     ),
     Scale.SMOKE: (
