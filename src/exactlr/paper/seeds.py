@@ -8,7 +8,8 @@ the per-seed reports (:func:`exactlr.paper.report.figure_report`) and, row by ro
 for each method the median and range over the seeds of its final gradient norm and of
 its last-10% median (:mod:`exactlr.paper.robust`), on how many seeds it ends lowest
 of the row, its rank on each seed, and which verdicts hold on every seed.
-:func:`format_seeds_markdown` renders it.
+:func:`format_seeds_markdown` renders it. Methods beyond the paper (``--methods``) are
+left out: the seeds check the paper's own verdicts.
 
 Example:
     >>> parse_seeds("0,1,2")
@@ -25,7 +26,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from exactlr.paper.report import figure_report
+from exactlr.paper.report import PAPER_ROLES, figure_report
 from exactlr.paper.store import report_path, write_json_atomic, write_text_atomic
 
 __all__ = [
@@ -106,7 +107,11 @@ def _every(values: Sequence[Any]) -> bool | None:
 
 
 def _row(blocks: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The aggregate of one row over the seeds (one block per seed)."""
+    """The aggregate of one row over the seeds (one block per seed), over the paper's
+    own methods (those the verdicts compare)."""
+    blocks = [
+        {**b, "methods": [m for m in b["methods"] if m["role"] in PAPER_ROLES]} for b in blocks
+    ]
     names: list[str] = []
     for block in blocks:
         names += [m["name"] for m in block["methods"] if m["name"] not in names]
