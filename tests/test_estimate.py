@@ -11,9 +11,11 @@ from exactlr.paper.campaign import all_jobs
 from exactlr.paper.estimate import (
     REFERENCE_COSTS,
     arch_cost,
+    calibrate_speed,
     device_speed,
     estimate_jobs,
     khat_seconds,
+    probe_reference_seconds,
     training_seconds,
 )
 from exactlr.paper.figures import figure_names
@@ -65,6 +67,14 @@ def test_shared_work_is_counted_once_and_speed_divides() -> None:
 def test_device_speed_without_a_gpu_is_one_unless_given() -> None:
     assert device_speed("cpu", None) == (1.0, "the reference machine")
     assert device_speed("cuda", 30.0) == (30.0, "--speed")
+
+
+def test_calibration_prices_the_probe_with_the_model() -> None:
+    assert probe_reference_seconds("lenet") == pytest.approx(
+        1024 * REFERENCE_COSTS["lenet"].grad_image_s
+    )
+    speed = calibrate_speed("cpu", ("lenet",))
+    assert set(speed) == {"lenet"} and 0 < speed["lenet"] < float("inf")
 
 
 def test_dry_run_all_lists_every_figure_and_runs_nothing(

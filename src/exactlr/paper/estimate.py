@@ -16,7 +16,8 @@ parameter count from FC 3x1000's measurement (their cost per image grows with th
 weights touched). A device ``speed`` times faster than the reference divides every
 time, one speed for all or one per architecture family (``fc``, ``lenet``, ``vgg9``);
 :func:`calibrate_speed` measures the family speeds on the device with a small probe
-whose reference times are :data:`PROBE_REFERENCE_S`.
+(one forward-and-backward pass) priced by the model itself
+(:func:`probe_reference_seconds`).
 
 Runs shared between figures (ours in fig1 and fig2) and K_hat estimates shared between
 horizons (fig12-15) are counted once, and work already done in ``out_dir`` (finished
@@ -48,7 +49,6 @@ from exactlr.paper.scales import Scale, parse_scale
 from exactlr.paper.store import lr_cache_path, run_path
 
 __all__ = [
-    "PROBE_REFERENCE_S",
     "REFERENCE_COSTS",
     "REFERENCE_MACHINE",
     "ArchCost",
@@ -60,6 +60,7 @@ __all__ = [
     "device_speed",
     "estimate_jobs",
     "format_estimate",
+    "probe_reference_seconds",
     "probe_seconds",
 ]
 
@@ -310,11 +311,14 @@ def format_estimate(est: Estimate, device: str) -> str:
 _PROBES = {"fc": ("fc3x1000", "mnist", 1024), "lenet": ("lenet", "mnist", 1024),
            "vgg9": ("vgg9", "cifar10", 64)}  # fmt: skip
 
-#: Seconds of :func:`probe_seconds` per family on the reference machine: CPU seconds /
-#: 2 threads (the machine was shared), measured with ``python -c "from
-#: exactlr.paper.estimate import probe_seconds; print(probe_seconds('cpu', 'lenet',
-#: cpu_time=True))"`` and likewise for ``fc`` and ``vgg9``.
-PROBE_REFERENCE_S: dict[str, float] = {"fc": 0.1, "lenet": 0.1, "vgg9": 1.0}
+
+def probe_reference_seconds(family: str) -> float:
+    """What :func:`probe_seconds` of ``family`` costs on the reference machine by the
+    cost model itself (images x ``grad_image_s``), so that a calibrated speed rescales
+    the model's own prices. (VGG-9's probe measured 1.25 s there, CPU seconds / 2
+    threads, against the model's 0.83 s.)"""
+    name, dataset, count = _PROBES[family]
+    return count * arch_cost(name, dataset).grad_image_s
 
 
 def probe_seconds(
@@ -351,7 +355,7 @@ def calibrate_speed(
     """How many times faster ``device`` runs each family's probe than the reference
     machine (a few seconds on a GPU). Small probes on a GPU are bound by kernel launches
     more than a full epoch is, so the estimate errs long."""
-    return {f: PROBE_REFERENCE_S[f] / probe_seconds(device, f) for f in families}
+    return {f: probe_reference_seconds(f) / probe_seconds(device, f) for f in families}
 
 
 def device_speed(device: str, speed: float | str | None) -> tuple[float | dict[str, float], str]:
