@@ -315,14 +315,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         jobs = all_jobs(args.seeds)
     else:
         jobs = [(args.figure, seed) for seed in args.seeds or (args.seed,)]
-    if args.figure == "all" or args.dry_run:
+    if args.dry_run:  # planning a GPU run elsewhere needs no GPU here
         _print_estimate(args, jobs)
-        if args.dry_run:
-            return 0
-    out = _out_dir(args.out, create=True)
+        return 0
     device = resolve_device(args.device)
     if args.address is not None and args.executor != "ray":
         raise UsageError("--address is only used with --executor ray")
+    if args.figure == "all":
+        _print_estimate(args, jobs)
+    out = _out_dir(args.out, create=True)
     start = time.perf_counter()
     count = sum(_run_one(args, figure, seed, out, device) for figure, seed in jobs)
     figures = sorted({f for f, _ in jobs}, key=[f for f, _ in jobs].index)
