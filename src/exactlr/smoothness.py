@@ -25,6 +25,7 @@ Global RNG state is never changed: each sample's weights are drawn inside
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -35,13 +36,14 @@ import torch
 from torch import nn
 
 from exactlr.curvature import (
-    Batch,
     LossFn,
     SpectralOptions,
     hessian_spectral_norm,
     hessian_spectral_norms,
     materialize_batches,
 )
+from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
+from exactlr.sampling import draw_model
 
 try:  # tqdm is an optional extra: without it there is no progress bar
     from tqdm.auto import tqdm
@@ -115,17 +117,6 @@ class SmoothnessEstimate:
         return sum(r.seconds for r in self.records)
 
 
-def _draw_model(make_model: Callable[[], nn.Module], seed: int) -> nn.Module:
-    """Call ``make_model`` with the global RNG seeded to ``seed``, then restore it."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        model = make_model()
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"make_model() must return a torch.nn.Module, got {type(model)}")
-    return model
-
-
 @dataclass(frozen=True)
 class _Evaluation:
     """The spectral norm of one weight sample, as a record needs it."""
@@ -141,8 +132,8 @@ class _Evaluation:
 
 def _evaluate_one(
     model: nn.Module,
-    loss_fn: LossFn,
-    data: list[Batch],
+    objective: Objective,
+    data: list[Any],
     *,
     variant: str,
     seed: int,
@@ -156,8 +147,12 @@ def _evaluate_one(
     for group in groups:
         res = hessian_spectral_norm(
             model,
-            loss_fn,
+            objective.loss_fn,
             group,
+            loss=objective.loss,
+            batch_size=objective.batch_size,
+            check_labels=objective.check_labels,
+            check_determinism=options.check_determinism,
             generator=solver_gen,
             method=options.method,
             tol=options.tol,
@@ -182,8 +177,8 @@ def _evaluate_one(
 
 def _evaluate_group(
     models: list[nn.Module],
-    loss_fn: LossFn,
-    data: list[Batch],
+    objective: Objective,
+    data: list[Any],
     *,
     seeds: list[int],
     options: SpectralOptions,
@@ -196,8 +191,12 @@ def _evaluate_group(
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     results = hessian_spectral_norms(
         models,
-        loss_fn,
+        objective.loss_fn,
         data,
+        loss=objective.loss,
+        batch_size=objective.batch_size,
+        check_labels=objective.check_labels,
+        check_determinism=options.check_determinism,
         generators=generators,
         tol=options.tol,
         max_iters=options.max_iters,
@@ -211,9 +210,15 @@ def _evaluate_group(
     ]
 
 
-def _can_batch(variant: str, options: SpectralOptions) -> bool:
-    """Whether samples can be stacked: full-data Lanczos without a subsample start."""
-    return variant == "full" and options.method == "lanczos" and options.subsample is None
+def _can_batch(variant: str, options: SpectralOptions, objective: Objective) -> bool:
+    """Whether samples can be stacked: full-data Lanczos without a subsample start, on
+    ``(inputs, targets)`` pairs (see :func:`~exactlr.curvature.hessian_spectral_norms`)."""
+    return (
+        variant == "full"
+        and options.method == "lanczos"
+        and options.subsample is None
+        and objective.pairs
+    )
 
 
 def _check_arguments(
@@ -251,10 +256,11 @@ def smoothness_options(options: SpectralOptions | None = None, **keywords: Any) 
 def _draw_models(
     make_model: Callable[[], nn.Module], seeds: list[int], device: torch.device | str | None
 ) -> list[nn.Module]:
-    """One model per seed from ``make_model`` (see :func:`_draw_model`), on ``device``."""
+    """One model per seed from ``make_model`` (see :func:`~exactlr.sampling.draw_model`),
+    on ``device``."""
     models = []
     for seed in seeds:
-        model = _draw_model(make_model, seed)
+        model = draw_model(make_model, seed)
         models.append(model.to(device) if device is not None else model)
     return models
 
@@ -330,9 +336,11 @@ class _Trace:
 
 def estimate_smoothness(
     make_model: Callable[[], nn.Module],
-    loss_fn: LossFn,
-    batches: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    batches: Iterable[Any] | None = None,
     *,
+    loss: ModelLoss | None = None,
+    batch_size: BatchSize | None = None,
     num_samples: int = 10,
     generator: torch.Generator | None = None,
     variant: str = "full",
@@ -349,8 +357,13 @@ def estimate_smoothness(
     Args:
         make_model: Returns a freshly initialised model of the architecture (one sample
             of W). Called with the global RNG seeded per sample (and restored after).
-        loss_fn: Mean-reduced loss ``loss_fn(outputs, targets)``.
-        batches: Iterable of ``(inputs, targets)``; the loss is their size-weighted mean.
+        loss_fn: Mean-reduced loss ``loss_fn(outputs, targets)`` of ``(inputs, targets)``
+            batches; None with ``loss``.
+        batches: Iterable of batches; the loss is their size-weighted mean.
+        loss: ``loss(model, batch) -> mean loss`` for batches of any structure (see
+            :func:`~exactlr.curvature.hessian_spectral_norm`); instead of ``loss_fn``.
+        batch_size: ``batch_size(batch) -> int``; default: the first dimension of the
+            batch's first tensor.
         num_samples: N, the number of weight samples (the maximum if ``patience`` is set).
         generator: Seeds the samples and the solvers' start vectors.
         variant: ``"full"`` (full-data Hessian) or ``"minibatch"`` (max over batches).
@@ -369,14 +382,16 @@ def estimate_smoothness(
             the group's samples after the stopping one (at most ``sample_batch - 1``)
             were evaluated but are dropped (counted in ``discarded``), so the result is
             the sequential one. A record's ``seconds`` is its group's wall time divided by
-            the group size. Only ``variant="full"`` with ``method="lanczos"`` and no
-            ``subsample`` is batched; otherwise the samples are evaluated one by one (as
-            with 1). Default 1: one at a time.
+            the group size. Only ``variant="full"`` with ``method="lanczos"``, no
+            ``subsample`` and a ``loss_fn`` on pairs is batched; otherwise the samples
+            are evaluated one by one (as with 1). Default 1: one at a time.
         options: How each spectral norm is computed
             (:class:`~exactlr.curvature.SpectralOptions`); default: its defaults.
         **option_keywords: Single options by name, replacing those of ``options``
             (``method``, ``tol``, ``max_iters``, ``hvp_mode``, ``subsample``,
-            ``subsample_tol``, ``target``, ``rewrite``). ``target`` defaults to
+            ``subsample_tol``, ``target``, ``rewrite``, ``check_labels``,
+            ``check_determinism``: the probe runs on the first sample, or the first
+            group, only). ``target`` defaults to
             ``"norm"`` here with Lanczos: the spectral norm is certified to ``tol``; the
             records' smaller-magnitude eigenvalue is then only a loose estimate (pass
             ``target="both"`` for both).
@@ -401,8 +416,11 @@ def estimate_smoothness(
     """
     _check_arguments(num_samples, variant, patience, rel_tol, sample_batch)
     opts = smoothness_options(options, **option_keywords)
-    group_size = sample_batch if _can_batch(variant, opts) else 1
-    data = materialize_batches(batches, torch.device(device) if device is not None else None)
+    objective = Objective(loss_fn, loss, batch_size, opts.check_labels)
+    group_size = sample_batch if _can_batch(variant, opts, objective) else 1
+    data = materialize_batches(
+        batches, torch.device(device) if device is not None else None, pairs=objective.pairs
+    )
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     seeds = torch.randint(0, 2**62, (num_samples,), generator=generator).tolist()
@@ -415,11 +433,15 @@ def estimate_smoothness(
             chunk = seeds[first : first + group_size]
             start = time.perf_counter()
             models = _draw_models(make_model, chunk, device)
+            # The determinism probe is about the architecture: the first group is enough.
+            group_opts = opts if first == 0 else dataclasses.replace(opts, check_determinism=False)
             if len(chunk) > 1:
-                evaluations = _evaluate_group(models, loss_fn, data, seeds=chunk, options=opts)
+                evaluations = _evaluate_group(
+                    models, objective, data, seeds=chunk, options=group_opts
+                )
             else:
                 one = _evaluate_one(
-                    models[0], loss_fn, data, variant=variant, seed=chunk[0], options=opts
+                    models[0], objective, data, variant=variant, seed=chunk[0], options=group_opts
                 )
                 evaluations = [one]
             seconds = (time.perf_counter() - start) / len(chunk)

@@ -12,7 +12,6 @@ alpha = sqrt(2 L(w0) / (K_hat T)).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,9 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from exactlr.curvature import Batch, LossFn, SpectralOptions, full_loss, materialize_batches
-from exactlr.models import reinitialize
-from exactlr.smoothness import SmoothnessEstimate, estimate_smoothness
+from exactlr.check import CheckReport, check_step_size
+from exactlr.curvature import LossFn, SpectralOptions, full_loss, materialize_batches
+from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
+from exactlr.sampling import default_make_model
+from exactlr.smoothness import SmoothnessEstimate, estimate_smoothness, smoothness_options
+
+__all__ = ["LRSuggestion", "default_make_model", "exact_step_size", "suggest_lr"]
 
 
 def _finite_number(name: str, value: object) -> float:
@@ -87,20 +90,6 @@ def exact_step_size(
     return math.sqrt(2.0 * (initial_loss - min_loss) / (smoothness * delta_sq * total_steps))
 
 
-def default_make_model(model: nn.Module) -> Callable[[], nn.Module]:
-    """Samples of W for ``model``: copies re-initialised with the model's own init.
-
-    Models built by :mod:`exactlr.models` are re-drawn with their preset (e.g. the paper's
-    N(0, sigma)); any other model gets ``reset_parameters()`` on every submodule (PyTorch's
-    default initialisation).
-    """
-
-    def make() -> nn.Module:
-        return reinitialize(copy.deepcopy(model))
-
-    return make
-
-
 @dataclass(frozen=True)
 class LRSuggestion:
     """A learning rate for Adam and its evidence.
@@ -111,6 +100,8 @@ class LRSuggestion:
         initial_loss: ``L(w0)`` measured on the model to be trained.
         total_steps: ``T``.
         estimate: Algorithm 2's full result (per-sample values, running max).
+        check: The safety check's report when ``check_steps`` was given
+            (:func:`exactlr.check.check_step_size`), else None.
     """
 
     lr: float
@@ -118,13 +109,21 @@ class LRSuggestion:
     initial_loss: float
     total_steps: int
     estimate: SmoothnessEstimate = field(repr=False)
+    check: CheckReport | None = field(default=None, repr=False)
+
+    @property
+    def warning(self) -> str | None:
+        """The safety check's warning (the loss rose or the curvature grew), or None."""
+        return None if self.check is None else self.check.warning
 
 
 def suggest_lr(
     model: nn.Module,
-    loss_fn: LossFn,
-    batches: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    batches: Iterable[Any] | None = None,
     *,
+    loss: ModelLoss | None = None,
+    batch_size: BatchSize | None = None,
     total_steps: int,
     make_model: Callable[[], nn.Module] | None = None,
     num_samples: int = 10,
@@ -135,6 +134,7 @@ def suggest_lr(
     rel_tol: float = 0.01,
     sample_batch: int = 1,
     options: SpectralOptions | None = None,
+    check_steps: int = 0,
     **option_keywords: Any,
 ) -> LRSuggestion:
     """The paper's learning rate for training ``model`` with Adam for ``total_steps``.
@@ -145,17 +145,29 @@ def suggest_lr(
 
     Args:
         model: The model that will be trained, at its initial weights.
-        loss_fn: Mean-reduced loss, e.g. ``torch.nn.functional.cross_entropy``.
-        batches: The training data as ``(inputs, targets)`` batches.
+        loss_fn: Mean-reduced loss of ``(inputs, targets)`` batches, e.g.
+            ``torch.nn.functional.cross_entropy``; None with ``loss``.
+        batches: The training data: an iterable of batches (a DataLoader, a list).
+        loss: ``loss(model, batch) -> mean loss`` for batches of any structure, e.g.
+            ``lambda m, b: m(**b).loss`` for a Hugging Face model; instead of ``loss_fn``.
+        batch_size: ``batch_size(batch) -> int``; default: the first dimension of the
+            batch's first tensor.
         total_steps: T, the number of optimizer steps (epochs x batches per epoch).
-        make_model: Returns a fresh model of the architecture; default: copies of
-            ``model`` re-initialised (:func:`default_make_model`).
+        make_model: Returns a fresh model of the architecture; default: fresh draws of
+            ``model``'s own initialisation
+            (:func:`~exactlr.sampling.default_make_model`; a parameter it cannot re-draw
+            is an error asking for ``make_model``).
         num_samples: Weight samples for K_hat.
         generator: Seeds the weight samples and solvers.
         progress: Show a progress bar during estimation.
         variant, patience, rel_tol, sample_batch: As in :func:`estimate_smoothness`.
         options: How each spectral norm is computed
             (:class:`~exactlr.curvature.SpectralOptions`).
+        check_steps: If positive, run the safety check: this many Adam steps at the
+            suggested LR on a copy of ``model``, then the loss and Hessian norm at the
+            end against ``L(w0)``, ``K_hat`` and ``2/lr``
+            (:func:`exactlr.check.check_step_size`); the result's ``check`` and
+            ``warning`` carry it. Choose 10 or more (``docs/safety_check.md``).
         **option_keywords: Single spectral-norm options by name (``method``, ``tol``,
             ``max_iters``, ``hvp_mode``, ...), as in :func:`estimate_smoothness`.
 
@@ -164,7 +176,8 @@ def suggest_lr(
 
     Raises:
         ValueError: Bad ``total_steps``, ``num_samples`` or option, empty batches, a
-            non-finite loss, labels outside the class range.
+            non-finite loss, labels outside the class range, a parameter the default
+            sampler cannot re-draw, a loss that is not deterministic.
 
     Example:
         >>> import torch.nn.functional as F
@@ -179,13 +192,24 @@ def suggest_lr(
             f"total_steps must be a positive integer (epochs x batches per epoch), "
             f"got {total_steps=}"
         )
+    if isinstance(check_steps, bool) or not isinstance(check_steps, int) or check_steps < 0:
+        raise ValueError(
+            f"check_steps must be an integer >= 0 (Adam steps of the safety check), "
+            f"got {check_steps=}"
+        )
     params = list(model.parameters())
-    data = materialize_batches(batches, params[0].device if params else None)
-    initial_loss = full_loss(model, loss_fn, data)
+    objective = Objective(loss_fn, loss, batch_size)
+    data = materialize_batches(batches, params[0].device if params else None, pairs=objective.pairs)
+    opts = smoothness_options(options, **option_keywords)
+    initial_loss = full_loss(
+        model, loss_fn, data, loss=loss, batch_size=batch_size, check_labels=opts.check_labels
+    )
     estimate = estimate_smoothness(
         make_model or default_make_model(model),
         loss_fn,
         data,
+        loss=loss,
+        batch_size=batch_size,
         num_samples=num_samples,
         generator=generator,
         progress=progress,
@@ -193,14 +217,29 @@ def suggest_lr(
         patience=patience,
         rel_tol=rel_tol,
         sample_batch=sample_batch,
-        options=options,
-        **option_keywords,
+        options=opts,
     )
     lr = exact_step_size(initial_loss, estimate.k_hat, total_steps)
+    check = None
+    if check_steps:
+        check = check_step_size(
+            model,
+            loss_fn,
+            data,
+            loss=loss,
+            batch_size=batch_size,
+            lr=lr,
+            k_hat=estimate.k_hat,
+            steps=check_steps,
+            initial_loss=initial_loss,
+            total_steps=total_steps,
+            generator=generator,
+        )
     return LRSuggestion(
         lr=lr,
         k_hat=estimate.k_hat,
         initial_loss=initial_loss,
         total_steps=total_steps,
         estimate=estimate,
+        check=check,
     )
