@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -74,16 +75,27 @@ def test_final_and_tail_agree(tmp_path: Path) -> None:
     assert "By the median of the last 3 epoch(s): the same verdicts" in format_markdown(rep)
 
 
+def _reseed(out: Path, entry: dict, seed: int) -> None:
+    """Turns a hand-made run of base seed 0 into the same run of base seed ``seed``
+    (its own data draw and w0, so its own name), in place."""
+    old = out / entry["path"]
+    record = json.loads(old.read_text())
+    cfg = TrainConfig.from_dict(record["config"])
+    cfg = dataclasses.replace(cfg, seed=seed, data_seed=seed)
+    record.update(name=cfg.run_name(), config=cfg.to_dict(), seed=seed)
+    old.unlink()
+    entry.update(run_name=cfg.run_name(), path=f"runs/{cfg.run_name()}.json")
+    write_json_atomic(out / entry["path"], record)
+
+
 def _seed_manifest(out: Path, seed: int, ours_final: float, cosine_final: float) -> None:
     """fig1 at cpu scale with base seed ``seed``: a manifest of ours and Cosine."""
     runs = [
-        write_run(out, OURS, _tail(ours_final, ours_final), row=""),
-        write_run(out, COSINE, _tail(cosine_final, cosine_final), row=""),
+        write_run(out, OURS, _tail(ours_final, ours_final)),
+        write_run(out, COSINE, _tail(cosine_final, cosine_final)),
     ]
-    for run in runs:  # hand-made files are named by row, not seed: give each seed its own
-        old = out / run["path"]
-        run["path"] = run["path"].replace(".json", f"-s{seed}.json")
-        old.rename(out / run["path"])
+    for run in runs:
+        _reseed(out, run, seed)
     write_manifest(out, "fig1", runs)
     if seed:
         (out / "figures" / "fig1-cpu.json").rename(out / "figures" / f"fig1-cpu-seed{seed}.json")
