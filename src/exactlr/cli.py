@@ -132,6 +132,7 @@ def add_common_data_args(parser: argparse.ArgumentParser) -> None:
 def _cmd_lr(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
+    from exactlr.curvature.distributed import rank_device, shard_batches
     from exactlr.data import load_dataset, make_batches
     from exactlr.models import build_model
     from exactlr.stepsize import suggest_lr
@@ -141,7 +142,7 @@ def _cmd_lr(args: argparse.Namespace) -> int:
             f"--subsample {args.subsample:g} needs --method lanczos (got --method "
             f"{args.method}); drop --subsample or use lanczos"
         )
-    device = resolve_device(args.device)
+    device = rank_device(resolve_device(args.device))
     train, _ = load_dataset(
         args.dataset, subset=args.subset, data_dir=args.data_dir, seed=args.seed
     )
@@ -150,10 +151,12 @@ def _cmd_lr(args: argparse.Namespace) -> int:
     model = build_model(args.model, dataset=args.dataset, init=args.init, generator=generator)
     model = model.to(device)
     total_steps = args.epochs * len(batches)
+    # Under torchrun: this process's share of the data, or all of it with --parallel samples.
+    shard = batches if args.parallel == "samples" else shard_batches(batches, model)
     suggestion = suggest_lr(
         model,
         F.cross_entropy,
-        batches,
+        shard,
         total_steps=total_steps,
         num_samples=args.samples,
         generator=generator,
@@ -163,6 +166,7 @@ def _cmd_lr(args: argparse.Namespace) -> int:
         tol=args.tol,
         patience=args.patience,
         subsample=args.subsample,
+        parallel=args.parallel,
     )
     est = suggestion.estimate
     if args.json:
@@ -421,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="adaptive stop after this many samples without growth",
     )
+    lr.add_argument(
+        "--parallel",
+        default="data",
+        choices=["data", "samples"],
+        help="under torchrun: split the data over the processes, or the weight samples",
+    )
     lr.add_argument("--json", action="store_true", help="machine-readable output")
     add_common_data_args(lr)
     lr.set_defaults(func=_cmd_lr)
@@ -506,7 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with keep_freed_memory():
+        from exactlr.curvature.distributed import torchrun_session
+
+        with keep_freed_memory(), torchrun_session(enabled=args.func is _cmd_lr):
             return int(args.func(args) or 0)
     except (
         UsageError,

@@ -22,6 +22,12 @@ import torch
 from torch import nn
 
 from exactlr.curvature import Batch, LossFn, SpectralOptions, full_loss, materialize_batches
+from exactlr.curvature.distributed import (
+    PARALLEL_MODES,
+    all_or_none,
+    passed_on,
+    resolve_group,
+)
 from exactlr.models import reinitialize
 from exactlr.smoothness import SmoothnessEstimate, estimate_smoothness
 
@@ -135,6 +141,8 @@ def suggest_lr(
     rel_tol: float = 0.01,
     sample_batch: int = 1,
     options: SpectralOptions | None = None,
+    process_group: Any = None,
+    parallel: str = "data",
     **option_keywords: Any,
 ) -> LRSuggestion:
     """The paper's learning rate for training ``model`` with Adam for ``total_steps``.
@@ -156,6 +164,15 @@ def suggest_lr(
         variant, patience, rel_tol, sample_batch: As in :func:`estimate_smoothness`.
         options: How each spectral norm is computed
             (:class:`~exactlr.curvature.SpectralOptions`).
+        process_group: Several processes, e.g. every rank of a ``torchrun`` job
+            (:mod:`exactlr.curvature.distributed`); None: the default group when
+            ``torch.distributed`` is initialised, else one process; False: one process.
+            Every rank returns the same suggestion. The model must be the same on
+            every rank.
+        parallel: ``"data"``: ``batches`` is this rank's shard (e.g. a ``DataLoader``
+            with a ``DistributedSampler``), ``L(w0)`` and every product are all-reduced;
+            ``"samples"``: ``batches`` is all the data on every rank and the weight
+            samples are split over the ranks (see :func:`estimate_smoothness`).
         **option_keywords: Single spectral-norm options by name (``method``, ``tol``,
             ``max_iters``, ``hvp_mode``, ...), as in :func:`estimate_smoothness`.
 
@@ -179,9 +196,14 @@ def suggest_lr(
             f"total_steps must be a positive integer (epochs x batches per epoch), "
             f"got {total_steps=}"
         )
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL_MODES}")
+    group = resolve_group(process_group)
     params = list(model.parameters())
-    data = materialize_batches(batches, params[0].device if params else None)
-    initial_loss = full_loss(model, loss_fn, data)
+    with all_or_none(group):  # a rank's bad batches stop every rank
+        data = materialize_batches(batches, params[0].device if params else None)
+    sharded = group if parallel == "data" else None
+    initial_loss = full_loss(model, loss_fn, data, process_group=passed_on(sharded))
     estimate = estimate_smoothness(
         make_model or default_make_model(model),
         loss_fn,
@@ -194,6 +216,8 @@ def suggest_lr(
         rel_tol=rel_tol,
         sample_batch=sample_batch,
         options=options,
+        process_group=passed_on(group),
+        parallel=parallel,
         **option_keywords,
     )
     lr = exact_step_size(initial_loss, estimate.k_hat, total_steps)

@@ -63,6 +63,7 @@ class _LossOperator:
         """
         self.batches = batches
         sizes = [len(x) for x, _ in batches]
+        self.sizes = sizes
         total = sum(sizes)
         self.weights = [n / total for n in sizes]
         self.rewrite, self.network = rewrite, network

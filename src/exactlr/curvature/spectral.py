@@ -29,6 +29,14 @@ from exactlr.curvature.batches import (
     subsample_batches,
     training_loss_mode,
 )
+from exactlr.curvature.distributed import (
+    DataParallelOperator,
+    all_or_none,
+    data_parallel,
+    resolve_group,
+    same_on_all_ranks,
+    shared_start,
+)
 from exactlr.curvature.operators import HessianOperator, StackedHessianOperator
 from exactlr.curvature.solvers import (
     TARGETS,
@@ -171,6 +179,7 @@ def hessian_spectral_norm(
     subsample_tol: float = 1e-2,
     target: str = "both",
     rewrite: bool = True,
+    process_group: Any = None,
 ) -> SpectralNormResult:
     """Spectral norm of the Hessian of the full-data loss at the model's weights.
 
@@ -206,6 +215,11 @@ def hessian_spectral_norm(
         rewrite: Exact rewrites of the loss for the products (see
             :class:`~exactlr.curvature.operators.HessianOperator` and
             :mod:`exactlr.curvature.rewrites`).
+        process_group: Data-parallel products (:mod:`exactlr.curvature.distributed`):
+            ``batches`` is this rank's shard, and the loss, the products and so the
+            result are those of the data of all ranks, identical on every rank. None:
+            the default group when ``torch.distributed`` is initialised (``torchrun``),
+            else one process; False: one process.
 
     Returns:
         A :class:`SpectralNormResult`.
@@ -245,13 +259,17 @@ def hessian_spectral_norm(
         rewrite=rewrite,
     )
     options.validate()
+    group = resolve_group(process_group)
     start = time.perf_counter()
     device, _ = module_device_dtype(model)
-    data = materialize_batches(batches, device)
     with training_loss_mode(model):
-        op = HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, rewrite=rewrite)
-        loss = op.loss()
+        with all_or_none(group):  # a rank's bad shard stops every rank
+            data = materialize_batches(batches, device)
+            op = HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, rewrite=rewrite)
+            loss = op.loss()
+        op, loss = data_parallel(op, loss, group)
         v0 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
+        v0 = shared_start(op, v0)
         subsample_hvps = 0
         if subsample is not None:
             v0, subsample_hvps = _subsample_start(op, v0, options, generator)
@@ -289,6 +307,7 @@ def _solve(
     lam, _, _, ok1 = power_iteration(op, v0, max_iters=max_iters, tol=tol)
     # The opposite end of the spectrum is the dominant eigenvalue of H - lam I.
     v1 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
+    v1 = shared_start(op, v1)
     mu, _, _, ok2 = power_iteration(lambda v: op(v) - lam * v, v1, max_iters=max_iters, tol=tol)
     other = mu + lam
     return max(lam, other), min(lam, other), ok1 and ok2, tol * abs(lam)
@@ -309,6 +328,8 @@ def _subsample_start(
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     data = subsample_batches(op.batches, options.subsample, generator=generator)
     sub = HessianOperator(op.model, op.loss_fn, data, hvp_mode=op.hvp_mode, rewrite=op.rewrite)
+    if isinstance(op, DataParallelOperator):  # every rank's subsample, weighted by size
+        sub, _ = data_parallel(sub, 0.0, op.group)
     try:
         res = lanczos(
             sub,
@@ -340,6 +361,7 @@ def hessian_spectral_norms(
     hvp_mode: str = "auto",
     target: str = "both",
     rewrite: bool = True,
+    process_group: Any = None,
 ) -> list[SpectralNormResult]:
     """:func:`hessian_spectral_norm` (Lanczos) of S models of one architecture at once.
 
@@ -368,6 +390,7 @@ def hessian_spectral_norms(
         target: ``"both"`` or ``"norm"`` (see :func:`~exactlr.curvature.solvers.lanczos`).
         rewrite: Exact rewrites of the loss for the products (see
             :class:`~exactlr.curvature.operators.HessianOperator`).
+        process_group: Data-parallel products, as in :func:`hessian_spectral_norm`.
 
     Returns:
         One :class:`SpectralNormResult` per model, in order. ``seconds`` is the wall time
@@ -385,16 +408,20 @@ def hessian_spectral_norms(
     start = time.perf_counter()
     if not models:
         raise ValueError("models is empty; pass at least one model")
+    group = resolve_group(process_group)
     device, _ = module_device_dtype(models[0])
-    data = materialize_batches(batches, device)
-    op = StackedHessianOperator.from_models(
-        models, loss_fn, data, hvp_mode=hvp_mode, rewrite=rewrite
-    )
-    losses = op.losses()
+    with all_or_none(group):  # a rank's bad shard stops every rank
+        data = materialize_batches(batches, device)
+        op = StackedHessianOperator.from_models(
+            models, loss_fn, data, hvp_mode=hvp_mode, rewrite=rewrite
+        )
+        losses = op.losses()
+    op, losses = data_parallel(op, losses, group)
     gens = list(generators) if generators is not None else [None] * len(models)
     v0 = torch.stack(
         [random_unit_vector(op.dim, generator=g, dtype=op.dtype, device=op.device) for g in gens]
     )
+    v0 = same_on_all_ranks(v0, group)
     products = _ActiveProducts(op)
     try:
         results = lanczos_batched(products, v0, max_iters=max_iters, tol=tol, target=target)
@@ -456,15 +483,23 @@ class _ActiveProducts:
         self.full.release()
 
 
-def full_loss(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch]) -> float:
+def full_loss(
+    model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], *, process_group: Any = None
+) -> float:
     """The size-weighted mean loss over ``batches`` as training computes it, without grad.
 
     The model is left unchanged (see :func:`~exactlr.curvature.batches.training_loss_mode`).
+    With a process group (see :func:`hessian_spectral_norm`), ``batches`` is this rank's
+    shard and the result the loss over the data of all ranks.
 
     Raises:
         ValueError: Empty batches, bad labels, or a non-finite loss.
     """
+    group = resolve_group(process_group)
     device, _ = module_device_dtype(model)
-    data = materialize_batches(batches, device)
     with training_loss_mode(model):
-        return HessianOperator(model, loss_fn, data, hvp_mode="forward", rewrite=False).loss()
+        with all_or_none(group):
+            data = materialize_batches(batches, device)
+            op = HessianOperator(model, loss_fn, data, hvp_mode="forward", rewrite=False)
+            loss = op.loss()
+        return data_parallel(op, loss, group)[1]
