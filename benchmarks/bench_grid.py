@@ -6,7 +6,7 @@ schedulers) from one w0, paper preset, float32, mini-MNIST capped to `--num-trai
 (sequential, grid, sequential, grid, ...) and the median time ratio is printed, with the
 largest relative difference of the final training losses (a sanity check, float32).
 `--compare-vmap` also times the grid with its generic vmap path instead of the folded
-layout (see `exactlr.paper.grid._Stacked`), interleaved with the other two.
+layout (see `exactlr.paper.stacked._Stacked`), interleaved with the other two.
 
 "metrics overhead": one grid epoch with metrics (step + full gradient + test pass, as
 `train_grid` does it) against one bare training epoch (the same batched steps, no metrics;

@@ -3,7 +3,7 @@
 Prints, side by side in one run (interleaved repetitions, medians):
 
 1. LeNet (paper preset) forward + backward of K runs on B random images: K sequential
-   `model(x).backward()` calls, the grid's folded layout (`exactlr.paper.grid._Stacked`), and
+   `model(x).backward()` calls, the grid's folded layout (`exactlr.paper.stacked._Stacked`), and
    the grid's vmap path, with the minor page faults of each (`getrusage`).
 2. LeNet's two convolutions, forward + backward, K runs: the first layer as one wide
    convolution on the shared batch vs K separate ones; the second as one grouped
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from exactlr.models import build_model
-from exactlr.paper.grid import _Stacked
+from exactlr.paper.stacked import _Stacked
 
 
 def _faults() -> int:

@@ -60,7 +60,7 @@ _HOST_READ_OPS = {
     "repeat_interleave",
 }
 # Reads of Adam's `step` counter: a CPU tensor unless Adam is capturable, so no GPU sync.
-_CPU_COUNTER_READS = {"torch.optim:_get_value", "exactlr.paper.training:adam_scales"}
+_CPU_COUNTER_READS = {"torch.optim:_get_value", "exactlr.paper.passes:adam_scales"}
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 # The device of the comparison tests; EXACTLR_TEST_DEVICE=cpu runs them on the CPU as a
@@ -258,7 +258,7 @@ def test_lr_range_test_reads_the_losses_once_per_block_of_steps(data):
         with HostReads() as recorder:
             res = lr_range_test(_model(), train, batch_size=40, num_iter=num_iter, end_lr=1e-2)
         assert res.steps == num_iter and not res.diverged
-        return recorder.device_syncs().get("exactlr.paper.lrfinder:lr_range_test", 0)
+        return recorder.device_syncs().get("exactlr.paper.lrfinder:read", 0)
 
     assert reads(4 * READ_EVERY) - reads(2 * READ_EVERY) == 2
 

@@ -198,8 +198,8 @@ def test_run_figure_rejects_file_as_out_dir(tmp_path: Path) -> None:
     target.write_text("x")
     with pytest.raises(ValueError, match="existing file"):
         run_figure("fig1", scale="smoke", out_dir=target, progress=False)
-    with pytest.raises(ValueError, match="executor"):
-        run_figure("fig1", scale="smoke", out_dir=tmp_path, executor="spark", progress=False)
+    with pytest.raises(ValueError, match="num_threads=0"):
+        run_figure("fig1", scale="smoke", out_dir=tmp_path, num_threads=0, progress=False)
 
 
 def test_state_dict_hash_sees_every_value() -> None:
@@ -226,3 +226,49 @@ def test_horizon_figures_share_one_smoothness_estimate(smoke_out: Path, shared_d
     for e in entries:
         expected = (2 * e["initial_loss"] / (e["k_hat"] * e["total_steps"])) ** 0.5
         assert e["lr"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_run_name_holds_betas_and_t_is_computed_once() -> None:
+    from exactlr.paper.schedules import MethodSpec
+    from exactlr.paper.training import TrainConfig, steps_per_epoch
+
+    cfg = TrainConfig("mnist", "mini", "lenet", MethodSpec("ours", "ours", 0.01), 3, 64)
+    assert "betas" not in cfg.run_name()
+    other = TrainConfig(
+        "mnist", "mini", "lenet", MethodSpec("ours", "ours", 0.01), 3, 64, betas=(0.8, 0.99)
+    )
+    assert other.run_name() == cfg.run_name() + "__betas0.8-0.99"
+    assert steps_per_epoch(200, 64) == 4 and steps_per_epoch(200, None) == 1
+    assert cfg.total_steps(200) == 12
+    capped = TrainConfig(
+        "mnist", "mini", "lenet", MethodSpec("ours", "ours", 0.01), 3, 64, num_train=128
+    )
+    assert capped.total_steps(200) == 6  # the first 128 samples: 2 batches per epoch
+
+
+def test_lr_keys_are_typed_and_name_their_files() -> None:
+    from exactlr.paper.lrcache import LRKey
+
+    plan = next(p for p in resolve_figure("fig1", "smoke", data_dir="/none") if p.role == "ours")
+    key = plan.lr_key
+    assert isinstance(key, LRKey) and key == LRKey.of(plan.config, 2)
+    assert key.to_filename() == "synthetic-full-n256__fc3x32__paper__bfull__e3__seed0__k2"
+    assert (
+        key.smoothness_key().to_filename() == "synthetic-full-n256__fc3x32__paper__bfull__seed0__k2"
+    )
+    assert key.finder_key().to_filename() == "synthetic-full-n256__fc3x32__paper__bfull__seed0"
+    assert plan.scale is experiments.Scale.SMOKE and f"{plan.scale}" == "smoke"
+
+
+def test_results_record_t_and_run_figure_restores_threads(tmp_path: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    paths = run_figure(
+        "fig1", scale="smoke", out_dir=tmp_path, data_dir=tmp_path, progress=False,
+        num_threads=before + 1,
+    )  # fmt: skip
+    assert torch.get_num_threads() == before
+    for path in paths:
+        result = load_result(path)
+        assert result["total_steps"] == result["extra"]["ours"]["total_steps"] == 3

@@ -225,7 +225,7 @@ class _Residual(nn.Module):
 
 
 def _stacked_pair(model: nn.Module, k: int = 3):
-    from exactlr.paper.grid import _Stacked
+    from exactlr.paper.stacked import _Stacked
 
     folded = _Stacked(model, torch.device("cpu"))
     plain = _Stacked(model, torch.device("cpu"), fold=False)
@@ -293,7 +293,7 @@ def test_frozen_parameter_is_shared_by_the_folded_runs():
 
 
 def test_unsupported_models_fall_back_to_vmap(data):
-    from exactlr.paper.grid import _foldable
+    from exactlr.paper.stacked import _foldable
 
     assert not _foldable(_Residual())
     assert not _foldable(nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Tanh()))

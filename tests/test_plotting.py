@@ -48,5 +48,5 @@ def test_plot_smoothness(tmp_path: Path) -> None:
 
 
 def test_plot_without_runs_says_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="exactlr run fig4"):
+    with pytest.raises(FileNotFoundError, match="no runs of fig4"):
         plot_figure("fig4", out_dir=tmp_path, scale="smoke")

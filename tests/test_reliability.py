@@ -19,11 +19,12 @@ import pytest
 import torch
 
 import exactlr.paper.plotting
+import exactlr.paper.runner
 import exactlr.paper.training
 from exactlr.cli import main
 from exactlr.data import synthetic_classification
 from exactlr.models import build_model
-from exactlr.paper import experiments
+from exactlr.paper import experiments, planning
 from exactlr.paper.experiments import checkpoint_path, run_figure
 from exactlr.paper.plotting import plot_figure
 from exactlr.paper.report import figure_report, format_markdown
@@ -257,7 +258,7 @@ def test_run_figure_resumes_from_a_checkpoint(
         return real_train(cfg, *args, **kw)
 
     with monkeypatch.context() as patch:
-        patch.setattr(exactlr.paper.training, "train_run", interrupted)
+        patch.setattr(exactlr.paper.runner, "train_run", interrupted)
         with pytest.raises(_Stop):
             run_figure("fig1", **kwargs, checkpoint_every=2)
     ckpts = list((tmp_path / "b" / "checkpoints").glob("*.pt"))
@@ -369,7 +370,7 @@ def test_lr_too_large_for_float32_is_divergence_not_a_crash(data: Any) -> None:
 
 
 def test_diverging_method_in_a_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = experiments._method_by_name
+    real = planning._method_by_name
 
     def huge(group: str, name: str, ours_lr: float, finder_lr: float | None = None) -> MethodSpec:
         method = real(group, name, ours_lr, finder_lr)
@@ -377,7 +378,7 @@ def test_diverging_method_in_a_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             return dataclasses.replace(method, lr=1e38)
         return method
 
-    monkeypatch.setattr(experiments, "_method_by_name", huge)
+    monkeypatch.setattr(planning, "_method_by_name", huge)
     paths = run_figure(
         "fig2", scale="smoke", out_dir=tmp_path, data_dir=tmp_path, progress=False, epochs=4
     )

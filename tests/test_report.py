@@ -189,5 +189,5 @@ def test_missing_runs_and_missing_figure(tmp_path: Path) -> None:
     rep = figure_report("fig1", out_dir=tmp_path, scale="cpu")
     assert rep["missing"] == ["gone"]
     assert rep["verdicts"]["ours_lowest_final_grad_norm"] is None
-    with pytest.raises(FileNotFoundError, match="exactlr run fig3"):
+    with pytest.raises(FileNotFoundError, match="no runs of fig3"):
         figure_report("fig3", out_dir=tmp_path, scale="cpu")

@@ -23,6 +23,7 @@ Module map (data flows one way; nothing upstream imports anything downstream):
 
 """
 
+from exactlr._version import __version__
 from exactlr.allocator import keep_freed_memory
 from exactlr.curvature import (
     EigenResult,
@@ -35,8 +36,6 @@ from exactlr.curvature import (
 )
 from exactlr.smoothness import SampleRecord, SmoothnessEstimate, estimate_smoothness
 from exactlr.stepsize import LRSuggestion, exact_step_size, suggest_lr
-
-__version__ = "0.1.0"
 
 __all__ = [
     "EigenResult",

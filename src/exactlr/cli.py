@@ -16,11 +16,31 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
+import torch.nn.functional as F
 
+from exactlr._version import __version__
 from exactlr.allocator import keep_freed_memory
+from exactlr.curvature.distributed import rank_device, shard_batches, torchrun_session
+from exactlr.data import load_dataset, make_batches
+from exactlr.models import build_model
+from exactlr.paper import ray_executor
+from exactlr.paper.figures import get_figure, list_figures
+from exactlr.paper.planning import parse_methods
+from exactlr.paper.report import figure_report, format_markdown
+from exactlr.paper.runconfig import steps_per_epoch
+from exactlr.paper.runner import run_figure
+from exactlr.paper.scales import Scale, parse_scale
+from exactlr.paper.store import (
+    check_out_dir,
+    manifest_path,
+    report_path,
+    write_json_atomic,
+    write_text_atomic,
+)
+from exactlr.stepsize import suggest_lr
 
 EXIT_USAGE = 2
 
@@ -65,12 +85,10 @@ def non_negative_int(text: str) -> int:
 
 def methods_arg(text: str) -> tuple[str, ...]:
     """argparse type: comma-separated method sets (``paper,parameter-free,...``)."""
-    from exactlr.paper.experiments import parse_methods
-
     try:
         return parse_methods(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        raise argparse.ArgumentTypeError(f"--methods {text!r}: {err}") from None
 
 
 def share_arg(text: str) -> float:
@@ -130,13 +148,6 @@ def add_common_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_lr(args: argparse.Namespace) -> int:
-    import torch.nn.functional as F
-
-    from exactlr.curvature.distributed import rank_device, shard_batches
-    from exactlr.data import load_dataset, make_batches
-    from exactlr.models import build_model
-    from exactlr.stepsize import suggest_lr
-
     if args.subsample is not None and args.method != "lanczos":
         raise UsageError(
             f"--subsample {args.subsample:g} needs --method lanczos (got --method "
@@ -150,7 +161,7 @@ def _cmd_lr(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     model = build_model(args.model, dataset=args.dataset, init=args.init, generator=generator)
     model = model.to(device)
-    total_steps = args.epochs * len(batches)
+    total_steps = args.epochs * steps_per_epoch(len(train), args.batch_size)
     # Under torchrun: this process's share of the data, or all of it with --parallel samples.
     shard = batches if args.parallel == "samples" else shard_batches(batches, model)
     suggestion = suggest_lr(
@@ -214,35 +225,21 @@ def _cmd_lr(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _out_dir(text: str, *, create: bool = False) -> str:
-    """An output folder: may not exist yet, must not be an existing file.
+def _out_dir(text: str, *, create: bool = False) -> Path:
+    """An ``--out`` folder: may not exist yet, must not be an existing file.
 
     With `create`, the folder is made now and must be writable, so that a bad path fails
     before any training.
     """
-    if os.path.exists(text) and not os.path.isdir(text):
-        raise UsageError(f"--out {text} is an existing file, not a folder; choose a folder")
-    parent = Path(text).parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise UsageError(f"--out {text} is under {parent}, which is a file; choose a folder")
-    if create:
-        try:
-            os.makedirs(text, exist_ok=True)
-        except OSError as err:
-            raise UsageError(
-                f"--out {text} cannot be created ({err.strerror or err}); choose a writable folder"
-            ) from None
-        if not os.access(text, os.W_OK | os.X_OK):
-            raise UsageError(f"--out {text} is not writable; choose a writable folder")
-    return text
+    try:
+        return check_out_dir(text, create=create)
+    except ValueError as err:
+        raise UsageError(f"--out: {err}") from None
 
 
-def _no_results(figure: str, scale: str, out: str) -> None:
+def _no_results(figure: str, scale: str, out: Path) -> None:
     """Raises `UsageError` when `out` holds no result of `figure` at `scale`."""
-    manifest = Path(out) / "figures" / f"{figure}-{scale}.json"
-    if not manifest.is_file():
+    if not manifest_path(out, figure, scale).is_file():
         raise UsageError(
             f"no results of {figure} at scale {scale} in {out}; run `exactlr run {figure} "
             f"--scale {scale} --out {out}` first"
@@ -250,29 +247,33 @@ def _no_results(figure: str, scale: str, out: str) -> None:
 
 
 def _check_figure(name: str, scale: str | None = None) -> None:
-    from exactlr.paper.experiments import SCALES, figure_names
+    """Raises `UsageError` for an unknown figure or scale."""
+    try:
+        get_figure(name)
+        if scale is not None:
+            parse_scale(scale)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
-    if name not in figure_names():
-        raise UsageError(f"unknown figure {name!r}; valid figures: {', '.join(figure_names())}")
-    if scale is not None and scale not in SCALES:
-        raise UsageError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
 
-
-def _ray_runner(address: str | None):  # type: ignore[no-untyped-def]
+def _ray_runner(address: str | None) -> Any:
     """The Ray executor's runner, or a one-line `UsageError` if Ray is missing."""
-    from exactlr.paper.ray_executor import ray_available, ray_runner
-
-    if not ray_available():
+    if not ray_executor.ray_available():
         raise UsageError(
             "--executor ray needs Ray, which is not installed: pip install 'ray>=2.9' "
             "(or exactlr[ray]); or use --executor local"
         )
-    return ray_runner(address)
+    return ray_executor.ray_runner(address)
+
+
+def _num_threads(args: argparse.Namespace, scale: Scale, device: torch.device) -> int | None:
+    """``--threads``, else the scale's default on a CPU (one thread at smoke scale)."""
+    if args.threads is not None:
+        return args.threads
+    return scale.num_threads if device.type == "cpu" else None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from exactlr.paper.experiments import run_figure
-
     _check_figure(args.figure, args.scale)
     out = _out_dir(args.out, create=True)
     device = resolve_device(args.device)
@@ -294,6 +295,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             runner=runner,
             methods=args.methods,
             curvature_every=args.curvature_every,
+            num_threads=_num_threads(args, Scale(args.scale), device),
         )
         if runner is not None:  # run_figure only submitted the runs; collect them here
             runner.wait()
@@ -309,6 +311,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    # matplotlib is an optional extra: imported only to plot.
     from exactlr.paper.plotting import plot_figure, plot_sharpness, plot_smoothness
 
     _check_figure(args.figure, args.scale)
@@ -324,17 +327,11 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_report(figure: str, scale: str, out: str) -> tuple[dict, str, Path]:
-    from exactlr.paper.report import figure_report, format_markdown
-    from exactlr.paper.results import write_json_atomic
-
+def _write_report(figure: str, scale: str, out: Path) -> tuple[dict, str, Path]:
     report = figure_report(figure, out_dir=out, scale=scale)
     text = format_markdown(report)
-    md_path = Path(out) / "reports" / f"{figure}-{scale}.md"
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = md_path.with_name(f".{md_path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, md_path)
+    md_path = report_path(out, figure, scale)
+    write_text_atomic(md_path, text)
     write_json_atomic(md_path.with_suffix(".json"), report)
     return report, text, md_path
 
@@ -352,26 +349,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from exactlr.paper.experiments import list_figures
-
     print(list_figures())
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from exactlr.paper.experiments import run_figure
-    from exactlr.paper.plotting import plot_figure, plot_smoothness
+    from exactlr.paper.plotting import plot_figure, plot_smoothness  # optional extra
 
     out = _out_dir(args.out, create=True)
     start = time.perf_counter()
+    device = resolve_device(args.device)
     run_figure(
         "demo",
         scale="cpu",
         out_dir=out,
-        device=resolve_device(args.device),
+        device=device,
         seed=args.seed,
         progress=not args.quiet,
         epochs=args.epochs,
+        # The demo's tensors are small: one thread unless asked otherwise (see --threads).
+        num_threads=args.threads
+        if args.threads is not None
+        else 1
+        if device.type == "cpu"
+        else None,
     )
     plots = plot_figure("demo", out_dir=out, scale="cpu")
     plots += plot_smoothness("demo", out_dir=out, scale="cpu")
@@ -387,18 +388,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with all subcommands."""
-    from exactlr import __version__
-
-    parser = _Parser(
-        prog="exactlr",
-        description="A provably motivated constant learning rate for Adam: "
-        "alpha = sqrt(2 L(w0) / (K_hat T)).",
+def _add_threads_arg(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"torch CPU threads while the runs train ({default}; small runs are faster "
+        "on one thread)",
     )
-    parser.add_argument("--version", action="version", version=f"exactlr {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+
+def _add_lr_command(sub: Any) -> None:
+    """``exactlr lr``."""
     lr = sub.add_parser("lr", help="the exact step size for a model and data set")
     lr.add_argument("--model", default="fc3x1000", help="fc{depth}x{width}, lenet or vgg9")
     lr.add_argument("--dataset", default="synthetic", help="synthetic, mnist or cifar10")
@@ -435,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_data_args(lr)
     lr.set_defaults(func=_cmd_lr)
 
+
+def _add_run_command(sub: Any) -> None:
+    """``exactlr run``."""
     scales = "smoke (seconds, plumbing only), cpu (reduced, laptop) or paper (full size)"
     run = sub.add_parser("run", help="run (or resume) the runs of one of the paper's figures")
     run.add_argument("figure", help="fig1 .. fig16, init or demo (see `exactlr list`)")
@@ -481,8 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: start a local Ray on this machine)",
     )
     add_common_data_args(run)
+    _add_threads_arg(run, "default: 1 at smoke scale on a CPU, else torch's default")
     run.set_defaults(func=_cmd_run)
 
+
+def _add_other_commands(sub: Any) -> None:
+    """``exactlr plot``, ``report``, ``list`` and ``demo``."""
+    scales = "smoke (seconds, plumbing only), cpu (reduced, laptop) or paper (full size)"
     plot = sub.add_parser("plot", help="draw a figure from its result files")
     plot.add_argument("figure")
     plot.add_argument("--out", default="results", help="results folder (default: results)")
@@ -507,7 +517,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
+    _add_threads_arg(demo, "default: 1 on a CPU")
     demo.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with all subcommands."""
+    parser = _Parser(
+        prog="exactlr",
+        description="A provably motivated constant learning rate for Adam: "
+        "alpha = sqrt(2 L(w0) / (K_hat T)).",
+    )
+    parser.add_argument("--version", action="version", version=f"exactlr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_lr_command(sub)
+    _add_run_command(sub)
+    _add_other_commands(sub)
     return parser
 
 
@@ -516,8 +542,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from exactlr.curvature.distributed import torchrun_session
-
         with keep_freed_memory(), torchrun_session(enabled=args.func is _cmd_lr):
             return int(args.func(args) or 0)
     except (

@@ -123,6 +123,50 @@ def _exponential_factor(step: int, *, ratio: float, num_iter: int) -> float:
     return ratio ** (step / max(1, num_iter - 1))
 
 
+def _check_range(
+    start_lr: float, end_lr: float, num_iter: int, smooth_f: float, diverge_th: float
+) -> None:
+    """Raises `ValueError` naming a bad range-test setting."""
+    if not (0 < start_lr < end_lr and math.isfinite(end_lr)):
+        raise ValueError(f"need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}")
+    if num_iter < 2:
+        raise ValueError(f"num_iter={num_iter} must be at least 2")
+    if not 0 < smooth_f <= 1:
+        raise ValueError(f"smooth_f={smooth_f} must be in (0, 1]")
+    if diverge_th <= 1:
+        raise ValueError(f"diverge_th={diverge_th} must be above 1")
+
+
+class _Curve:
+    """The recorded curve: each step's LR, raw and smoothed loss, cut at divergence."""
+
+    def __init__(self, smooth_f: float, diverge_th: float) -> None:
+        self.smooth_f, self.diverge_th = smooth_f, diverge_th
+        self.lrs: list[float] = []
+        self.raw: list[float] = []
+        self.smoothed: list[float] = []
+        self.best = math.inf
+
+    def read(self, pending: Sequence[tuple[float, Tensor]]) -> bool:
+        """Appends the pending steps (one device-to-host copy); True once diverged.
+
+        The curve is cut at the first divergent step, so it is the one a read after
+        every step gives.
+        """
+        f = self.smooth_f
+        values = torch.stack([t for _, t in pending]).double().tolist()
+        for (lr, _), value in zip(pending, values, strict=True):
+            self.lrs.append(lr)
+            self.raw.append(value)
+            if self.smoothed:
+                value = f * value + (1 - f) * self.smoothed[-1]
+            self.smoothed.append(value)
+            self.best = min(self.best, value)
+            if not math.isfinite(value) or value > self.diverge_th * self.best:
+                return True
+        return False
+
+
 @keep_freed_memory()
 def lr_range_test(
     model: nn.Module,
@@ -169,14 +213,7 @@ def lr_range_test(
         ValueError: A bad range, `num_iter < 2`, `smooth_f` outside (0, 1], a
             `batch_size` larger than the data, or too few finite losses to suggest.
     """
-    if not (0 < start_lr < end_lr and math.isfinite(end_lr)):
-        raise ValueError(f"need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}")
-    if num_iter < 2:
-        raise ValueError(f"num_iter={num_iter} must be at least 2")
-    if not 0 < smooth_f <= 1:
-        raise ValueError(f"smooth_f={smooth_f} must be in (0, 1]")
-    if diverge_th <= 1:
-        raise ValueError(f"diverge_th={diverge_th} must be above 1")
+    _check_range(start_lr, end_lr, num_iter, smooth_f, diverge_th)
     size = len(train) if batch_size is None else batch_size
     if not 1 <= size <= len(train):
         raise ValueError(f"batch_size={batch_size} must be in [1, {len(train)}] (or None)")
@@ -194,14 +231,11 @@ def lr_range_test(
         optimizer, lambda i: _exponential_factor(i, ratio=ratio, num_iter=num_iter)
     )
     generator = torch.Generator().manual_seed(seed)
-    lrs: list[float] = []
-    raw: list[float] = []
-    smoothed: list[float] = []
-    best = math.inf
-    diverged = False
+    curve = _Curve(smooth_f, diverge_th)
     batches: list = []
     computed = 0  # steps taken, including those past a divergence not read yet
     pending: list[tuple[float, Tensor]] = []  # (lr, loss on the device) not read yet
+    diverged = False
     while computed < num_iter and not diverged:
         if not batches:
             batches = list(make_batches(data, size, shuffle=True, generator=generator))
@@ -215,26 +249,15 @@ def lr_range_test(
         computed += 1
         if len(pending) < READ_EVERY and computed < num_iter:
             continue
-        # One device-to-host copy per READ_EVERY steps; the curve is cut at the first
-        # divergent step, so it is the one a read after every step gives.
-        values = torch.stack([t for _, t in pending]).double().tolist()
-        for (lr, _), value in zip(pending, values, strict=True):
-            lrs.append(lr)
-            raw.append(value)
-            value = value if not smoothed else smooth_f * value + (1 - smooth_f) * smoothed[-1]
-            smoothed.append(value)
-            best = min(best, value)
-            if not math.isfinite(value) or value > diverge_th * best:
-                diverged = True
-                break
+        diverged = curve.read(pending)
         pending.clear()
-    suggestion = steepest_lr(lrs, smoothed, skip_start=skip_start, skip_end=skip_end)
+    suggestion = steepest_lr(curve.lrs, curve.smoothed, skip_start=skip_start, skip_end=skip_end)
     return RangeTestResult(
         suggestion=suggestion,
-        lrs=lrs,
-        losses=smoothed,
-        raw_losses=raw,
-        steps=len(lrs),
+        lrs=curve.lrs,
+        losses=curve.smoothed,
+        raw_losses=curve.raw,
+        steps=len(curve.lrs),
         diverged=diverged,
         gradient_equivalents=computed * size / len(train),
         seconds=time.perf_counter() - start,

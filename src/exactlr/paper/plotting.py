@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -25,7 +24,8 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
-from exactlr.paper.report import load_figure_runs
+from exactlr.paper.results import load_figure_runs, load_manifest
+from exactlr.paper.store import atomic_target, lr_cache_path, plots_dir, read_json
 
 __all__ = ["PANELS", "plot_figure", "plot_sharpness", "plot_smoothness"]
 
@@ -156,7 +156,7 @@ def plot_figure(
         title += f"  [{len(missing)} run(s) missing]"
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    return _save_figure(fig, root / "plots", f"{name}-{scale}", formats)
+    return _save_figure(fig, plots_dir(root), f"{name}-{scale}", formats)
 
 
 def plot_sharpness(
@@ -168,11 +168,7 @@ def plot_sharpness(
     measured ``sharpness`` (runs made with ``--curvature-every K``) and the classical
     stability threshold 2 / lr_t of gradient descent, one panel per row.
 
-    Args:
-        name: Figure name.
-        out_dir: Results root given to ``run_figure``.
-        scale: Scale name.
-        formats: File formats to write.
+    The arguments are :func:`plot_figure`'s.
 
     Returns:
         The written files (``out_dir/plots/<name>-<scale>-sharpness.<fmt>``).
@@ -217,7 +213,7 @@ def plot_sharpness(
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save_figure(fig, root / "plots", f"{name}-{scale}-sharpness", formats)
+    return _save_figure(fig, plots_dir(root), f"{name}-{scale}-sharpness", formats)
 
 
 def plot_smoothness(
@@ -227,11 +223,7 @@ def plot_smoothness(
 
     Reads the LR cache entries (``out_dir/lr/<key>.json``) the figure's runs depend on.
 
-    Args:
-        name: Figure name.
-        out_dir: Results root given to ``run_figure``.
-        scale: Scale name.
-        formats: File formats to write.
+    The arguments are :func:`plot_figure`'s.
 
     Returns:
         The written files (``out_dir/plots/<name>-<scale>-smoothness.<fmt>``).
@@ -240,22 +232,19 @@ def plot_smoothness(
         FileNotFoundError: The figure has not been run, or no LR cache entry exists.
     """
     root = Path(out_dir)
-    manifest_path = root / "figures" / f"{name}-{scale}.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(
-            f"no runs of {name} at scale {scale} in {root}; run `exactlr run {name}` first"
-        )
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = load_manifest(root, name, scale)
     keys: list[str] = []
     for entry in manifest.get("runs", []):
-        key = entry.get("lr_key")
-        if key and key not in keys and (root / "lr" / f"{key}.json").is_file():
+        key = entry.get("lr_key") if isinstance(entry, dict) else None
+        if isinstance(key, str) and key not in keys and lr_cache_path(root, key).is_file():
             keys.append(key)
     if not keys:
-        raise FileNotFoundError(f"no K_hat estimates of {name} at scale {scale} in {root / 'lr'}")
+        raise FileNotFoundError(
+            f"no K_hat estimates of {name} at scale {scale} in {lr_cache_path(root, '').parent}"
+        )
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        data = json.loads((root / "lr" / f"{key}.json").read_text(encoding="utf-8"))
+        data = read_json(lr_cache_path(root, key), what="LR cache entry")
         samples, running = data["samples"], data["running_max"]
         index = list(range(1, len(samples) + 1))
         ax.plot(index, samples, "o", color="tab:blue", label="||H(w_j)||_2")
@@ -266,26 +255,17 @@ def plot_smoothness(
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save_figure(fig, root / "plots", f"{name}-{scale}-smoothness", formats)
+    return _save_figure(fig, plots_dir(root), f"{name}-{scale}-smoothness", formats)
 
 
 def _save_figure(fig: Any, folder: Path, stem: str, formats: tuple[str, ...]) -> list[Path]:
-    """Save ``fig`` as ``folder/stem.<fmt>`` for each format, then close it.
-
-    Each file is written to a temporary name and renamed, so an interrupted plot never
-    leaves a half-written image behind.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
+    """Save ``fig`` as ``folder/stem.<fmt>`` for each format (atomically), then close it."""
     paths = []
     try:
         for fmt in formats:
             path = folder / f"{stem}.{fmt}"
-            tmp = folder / f".{stem}.{fmt}.{os.getpid()}.tmp"
-            try:
+            with atomic_target(path) as tmp:
                 fig.savefig(tmp, dpi=120, bbox_inches="tight", format=fmt)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
             paths.append(path)
     finally:
         plt.close(fig)

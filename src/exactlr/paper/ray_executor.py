@@ -1,7 +1,7 @@
 """Independent runs of a figure on Ray: one machine's cores or a cluster.
 
 :func:`ray_runner` returns a :class:`RayRunner`, a drop-in for
-:func:`exactlr.paper.experiments.execute_run` in ``run_figure(..., runner=...)``. Each call
+:func:`exactlr.paper.runner.execute_run` in ``run_figure(..., runner=...)``. Each call
 submits the run as a Ray task and returns at once with the path its result file will
 have; :meth:`RayRunner.wait` then collects the tasks as they finish.
 
@@ -12,7 +12,7 @@ and the result files are exactly those of the local executor. Every worker must 
 to import ``exactlr`` (install it on every node, or use a Ray ``runtime_env``).
 
 Example:
-    >>> from exactlr.paper.experiments import run_figure                # doctest: +SKIP
+    >>> from exactlr.paper.runner import run_figure                    # doctest: +SKIP
     >>> runner = ray_runner(None, num_cpus=2)                     # doctest: +SKIP
     >>> try:                                                      # doctest: +SKIP
     ...     run_figure("fig1", scale="smoke", out_dir="results", runner=runner)
@@ -28,6 +28,9 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from exactlr.paper.runner import execute_run
+from exactlr.paper.store import run_path, write_bytes_atomic
 
 __all__ = ["RayRunner", "ray_available", "ray_runner"]
 
@@ -48,8 +51,6 @@ def _run_in_tmp(
 
     The large inputs are positional so that Ray resolves their object references.
     """
-    from exactlr.paper.experiments import execute_run
-
     files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="exactlr-ray-") as tmp:
         execute_run(
@@ -102,8 +103,6 @@ class RayRunner:
         **kwargs: Any,
     ) -> Path:
         """Submits one run (``execute_run``'s signature); returns its result path."""
-        from exactlr.paper.results import result_path
-
         if "device" in kwargs:
             kwargs["device"] = str(kwargs["device"])
         # Checkpoints would land in the worker's temporary folder and die with it.
@@ -118,7 +117,7 @@ class RayRunner:
             self._put(test),
         )
         self._pending[ref] = Path(out_dir)
-        return result_path(Path(out_dir), plan.resolve(float(ours["lr"])))
+        return run_path(out_dir, plan.run_name)
 
     def wait(self) -> int:
         """Waits for every submitted run, writing its files as it finishes.
@@ -130,8 +129,6 @@ class RayRunner:
             Whatever a run raised (runs finished before it are written, so rerunning
             resumes).
         """
-        from exactlr.paper.results import write_bytes_atomic
-
         done = 0
         while self._pending:
             ready, _ = self._ray.wait(list(self._pending), num_returns=1)

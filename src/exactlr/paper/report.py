@@ -40,12 +40,16 @@ Example:
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from exactlr.paper.markdown import format_markdown
+from exactlr.paper.results import load_figure_runs
+from exactlr.paper.schedules import SCHEDULERS, MethodSpec
+from exactlr.paper.store import lr_cache_path, read_json
 
 __all__ = [
     "HVP_GRADIENTS",
@@ -68,72 +72,6 @@ JERK_FACTOR = 2.0
 HVP_GRADIENTS = 2.0
 #: Roles of the paper's own methods (the paper's verdicts are over these only).
 PAPER_ROLES = ("ours", "ours_variant", "scheduler", "constant")
-
-
-def _manifest(out_dir: Path, name: str, scale: str) -> dict[str, Any]:
-    path = out_dir / "figures" / f"{name}-{scale}.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no runs of {name} at scale {scale} in {out_dir} ({path} is missing); run "
-            f"`exactlr run {name} --scale {scale} --out {out_dir}` first"
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); rerun the figure") from err
-
-
-def _label(data: dict[str, Any]) -> str:
-    extra = data.get("extra") or {}
-    if extra.get("label"):
-        return str(extra["label"])
-    from exactlr.paper.schedules import MethodSpec
-
-    return MethodSpec.from_dict(data["config"]["method"]).label
-
-
-def load_figure_runs(
-    name: str, *, out_dir: str | os.PathLike[str], scale: str
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
-    """The manifest of a figure, its loaded runs and the runs still missing.
-
-    Args:
-        name: Figure name.
-        out_dir: Results root given to ``run_figure``.
-        scale: Scale name.
-
-    Returns:
-        ``(manifest, runs, missing)``: each run is the manifest entry merged with
-        ``"result"`` (the :func:`exactlr.paper.results.load_result` dict), ``"label"`` and
-        ``"legend"``; ``missing`` lists the run names without a finished result file.
-
-    Raises:
-        FileNotFoundError: The figure has not been run at this scale in ``out_dir``.
-        ValueError: A manifest or result file is corrupt.
-    """
-    from exactlr.paper.results import load_result
-
-    root = Path(out_dir)
-    manifest = _manifest(root, name, scale)
-    runs: list[dict[str, Any]] = []
-    missing: list[str] = []
-    for entry in manifest.get("runs", []):
-        path = root / entry["path"]
-        if not path.is_file():
-            missing.append(entry["run_name"])
-            continue
-        data = load_result(path)
-        label = _label(data)
-        series = entry.get("series")
-        runs.append(
-            {
-                **entry,
-                "result": data,
-                "label": label,
-                "legend": f"{series}: {label}" if series else label,
-            }
-        )
-    return manifest, runs, missing
 
 
 def count_jerks(values: Sequence[float], factor: float = JERK_FACTOR) -> int:
@@ -214,8 +152,6 @@ def _add_costs(methods: list[dict[str, Any]], estimation: dict[str, float]) -> N
 def _tuned_entries(methods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One "tuned" entry per scheduler run at several base LRs: its best run (by final
     gradient norm), costed with all of its runs."""
-    from exactlr.paper.schedules import SCHEDULERS, MethodSpec
-
     tuned = []
     for name in SCHEDULERS:
         runs = [
@@ -398,10 +334,10 @@ def _batch_trend(methods: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any
 def _lr_cache(out_dir: Path, key: str | None) -> dict[str, Any]:
     if not key:
         return {}
-    path = out_dir / "lr" / f"{key}.json"
+    path = lr_cache_path(out_dir, key)
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path, what="LR cache entry")
     entry = {k: data.get(k) for k in ("lr", "k_hat", "initial_loss", "total_steps", "key")}
     records = data.get("records") or []
     hvps = sum(int(r.get("num_hvps", 0)) for r in records)
@@ -410,6 +346,48 @@ def _lr_cache(out_dir: Path, key: str | None) -> dict[str, Any]:
     entry["estimation_gradients"] = HVP_GRADIENTS * hvps + (len(records) + 1) / 3
     entry["estimation_seconds"] = float(data.get("seconds") or 0.0)
     return entry
+
+
+def _row_block(
+    name: str, row: str, row_runs: list[dict[str, Any]], root: Path, manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """The report of one row: its methods, verdicts and ours' LR setting."""
+    all_methods = [_method_entry(r) for r in row_runs]
+    keys = [r.get("lr_key") for r in row_runs if r.get("role") == "ours"]
+    cache = _lr_cache(root, keys[0] if keys else None)
+    _add_costs(
+        all_methods,
+        {
+            "gradients": cache.get("estimation_gradients", 0.0),
+            "seconds": cache.get("estimation_seconds", 0.0),
+        },
+    )
+    paper_methods = [m for m in all_methods if m["role"] in PAPER_ROLES]
+    extras = [m for m in all_methods if m["role"] in ("paramfree", "lr_finder")]
+    tuned = _tuned_entries(all_methods)
+    search_runs = [m for m in all_methods if m["role"] == "tuned"]
+    methods = paper_methods + extras + tuned
+    verdicts = row_verdicts(paper_methods)
+    if extras or tuned:
+        verdicts["beyond"] = beyond_verdicts(methods)
+    series_all_ours = bool(methods) and all(m["role"] == "ours" for m in methods)
+    if series_all_ours and len(methods) > 1 and name == "fig5":
+        verdicts["larger_batch_lower_final_grad_norm"] = _batch_trend(methods, row_runs)
+    paper_lrs = [r.get("paper_ours_lr") for r in row_runs if r.get("paper_ours_lr")]
+    for m in all_methods + tuned:
+        m.pop("grad_norm", None)  # used by the verdicts; the plots read the files
+        m.pop("finder", None)
+    return {
+        "variation": row,
+        "methods": methods,
+        "search_runs": search_runs,
+        "verdicts": verdicts,
+        "ours_lr": cache.get("lr"),
+        "paper_ours_lr": paper_lrs[0] if paper_lrs else manifest.get("paper_ours_lr"),
+        "k_hat": cache.get("k_hat"),
+        "initial_loss": cache.get("initial_loss"),
+        "total_steps": cache.get("total_steps"),
+    }
 
 
 def figure_report(name: str, *, out_dir: str | os.PathLike[str], scale: str) -> dict[str, Any]:
@@ -438,47 +416,10 @@ def figure_report(name: str, *, out_dir: str | os.PathLike[str], scale: str) -> 
     root = Path(out_dir)
     manifest, runs, missing = load_figure_runs(name, out_dir=root, scale=scale)
     rows = manifest.get("rows") or [""]
-    blocks = []
-    for row in rows:
-        row_runs = [r for r in runs if r.get("row", "") == row]
-        all_methods = [_method_entry(r) for r in row_runs]
-        keys = [r.get("lr_key") for r in row_runs if r.get("role") == "ours"]
-        cache = _lr_cache(root, keys[0] if keys else None)
-        _add_costs(
-            all_methods,
-            {
-                "gradients": cache.get("estimation_gradients", 0.0),
-                "seconds": cache.get("estimation_seconds", 0.0),
-            },
-        )
-        paper_methods = [m for m in all_methods if m["role"] in PAPER_ROLES]
-        extras = [m for m in all_methods if m["role"] in ("paramfree", "lr_finder")]
-        tuned = _tuned_entries(all_methods)
-        search_runs = [m for m in all_methods if m["role"] == "tuned"]
-        methods = paper_methods + extras + tuned
-        verdicts = row_verdicts(paper_methods)
-        if extras or tuned:
-            verdicts["beyond"] = beyond_verdicts(methods)
-        series_all_ours = bool(methods) and all(m["role"] == "ours" for m in methods)
-        if series_all_ours and len(methods) > 1 and name == "fig5":
-            verdicts["larger_batch_lower_final_grad_norm"] = _batch_trend(methods, row_runs)
-        paper_lrs = [r.get("paper_ours_lr") for r in row_runs if r.get("paper_ours_lr")]
-        for m in all_methods + tuned:
-            m.pop("grad_norm", None)  # used by the verdicts; the plots read the files
-            m.pop("finder", None)
-        blocks.append(
-            {
-                "variation": row,
-                "methods": methods,
-                "search_runs": search_runs,
-                "verdicts": verdicts,
-                "ours_lr": cache.get("lr"),
-                "paper_ours_lr": paper_lrs[0] if paper_lrs else manifest.get("paper_ours_lr"),
-                "k_hat": cache.get("k_hat"),
-                "initial_loss": cache.get("initial_loss"),
-                "total_steps": cache.get("total_steps"),
-            }
-        )
+    blocks = [
+        _row_block(name, row, [r for r in runs if r.get("row", "") == row], root, manifest)
+        for row in rows
+    ]
     first = blocks[0]
     report: dict[str, Any] = {
         "figure": name,
@@ -495,6 +436,7 @@ def figure_report(name: str, *, out_dir: str | os.PathLike[str], scale: str) -> 
         "total_steps": first["total_steps"],
         "variations": blocks,
         "missing": missing,
+        "hvp_gradients": HVP_GRADIENTS,
     }
     return _json_ready(report)
 
@@ -537,170 +479,3 @@ def _json_ready(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------
-
-
-def _g(value: float | None, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}g}"
-
-
-def _acc(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
-
-
-def _beyond_lines(b: dict[str, Any]) -> list[str]:
-    """Plain words for :func:`beyond_verdicts`."""
-    lines = [f"Beyond the paper ({b['compared']} methods, costs in gradient-equivalents):"]
-    for key, what, fmt in (
-        ("lowest_final_grad_norm", "Lowest final gradient norm", _g),
-        ("lowest_final_loss", "Lowest final loss", _g),
-        ("best_test_acc", "Best test accuracy", _acc),
-    ):
-        win = b.get(key)
-        if win is None:
-            lines.append(f"- {what}: none (every run diverged)")
-            continue
-        lines.append(
-            f"- {what}: {win['label']} ({fmt(win['value'])}; cost {_g(win['cost_gradients'])} "
-            f"gradients, {_g(win['cost_seconds'])} s)"
-        )
-    ranks = [b.get(f"ours_rank_{k}") for k in ("grad_norm", "loss", "test_acc")]
-    if all(r is not None for r in ranks):
-        lines.append(
-            f"- Ours ranks {ranks[0]} (gradient norm), {ranks[1]} (loss) and {ranks[2]} "
-            f"(test accuracy) of {b['compared']}"
-        )
-    return lines
-
-
-def _yes_no(value: bool | None) -> str:
-    return "n/a" if value is None else ("yes" if value else "no")
-
-
-def _factor_line(kind: str, factor: float | None, best: str | None) -> str:
-    if best is None:
-        return f"- Best {kind}: none in this comparison"
-    if factor is None:
-        return f"- Best {kind} ({best}) vs ours: not comparable (a run diverged or is not finite)"
-    if factor >= 1:
-        return f"- Best {kind} ({best}) ends {factor:.3g}x higher than ours (ours lower)"
-    return f"- Best {kind} ({best}) ends {1 / factor:.3g}x lower than ours (ours higher)"
-
-
-def _verdict_lines(v: dict[str, Any]) -> list[str]:
-    lines = []
-    lowest = v.get("ours_lowest_final_grad_norm")
-    if "rows_compared" in v:
-        if v["rows_compared"]:
-            lines.append(
-                f"- Ours has the lowest final gradient norm in every row: {_yes_no(lowest)} "
-                f"({v['rows_ours_lowest']} of {v['rows_compared']} rows)"
-            )
-        if v.get("factor_to_best_scheduler") is not None:
-            lines.append(
-                f"- Worst row, best scheduler / ours final gradient norm: "
-                f"{v['factor_to_best_scheduler']:.3g} (>1: ours lower)"
-            )
-        if v.get("factor_to_best_constant") is not None:
-            lines.append(
-                f"- Worst row, best constant LR / ours final gradient norm: "
-                f"{v['factor_to_best_constant']:.3g} (>1: ours lower)"
-            )
-    else:
-        if lowest is not None:
-            factor = v.get("factor_to_lowest_other")
-            if lowest:
-                extra = f" (next: {_g(factor)}x higher)" if factor is not None else ""
-                lines.append(f"- Ours has the lowest final gradient norm: yes{extra}")
-            else:
-                how = f" is {_g(1 / factor)}x lower" if factor else " is lower"
-                lines.append(
-                    f"- Ours has the lowest final gradient norm: no — {v['lowest_method']}{how}"
-                )
-        if v.get("best_scheduler") is not None:
-            lines.append(
-                _factor_line("scheduler", v["factor_to_best_scheduler"], v["best_scheduler"])
-            )
-        if v.get("best_constant") is not None:
-            lines.append(
-                _factor_line("constant LR", v["factor_to_best_constant"], v["best_constant"])
-            )
-    if v.get("lr_0.1_jerks") is not None:
-        lines.append(
-            f"- Epochs where the gradient norm more than doubles: LR 0.1 {v['lr_0.1_jerks']}, "
-            f"ours {v.get('ours_jerks')}"
-        )
-    if "larger_batch_lower_final_grad_norm" in v:
-        lines.append(
-            "- Larger batches end with lower gradient norms: "
-            f"{_yes_no(v['larger_batch_lower_final_grad_norm'])}"
-        )
-    diverged = v.get("diverged") or []
-    epochs = v.get("diverged_epochs") or []
-    if len(epochs) == len(diverged):
-        diverged = [
-            f"{label} diverged at epoch {k}" for label, k in zip(diverged, epochs, strict=True)
-        ]
-    lines.append(f"- Diverged: {', '.join(diverged) if diverged else 'none'}")
-    if v.get("beyond"):
-        lines += ["", *_beyond_lines(v["beyond"])]
-    return lines
-
-
-def format_markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: one table per row, then the verdicts in plain words."""
-    out = [f"# {report['figure']} ({report['scale']}): {report['title']}", ""]
-    if report.get("scale_description"):
-        out += [f"Scale `{report['scale']}`: {report['scale_description']}.", ""]
-    header = (
-        "| Method | LR | final grad norm | min grad norm | final full grad norm "
-        "| final loss | test acc | diverged | cost (grads) | cost (s) | Gamma<0 |"
-    )
-    rule = "|---|---|---|---|---|---|---|---|---|---|---|"
-    for block in report["variations"]:
-        if block["variation"]:
-            out += [f"## {block['variation']}", ""]
-        ours_lr, paper = block.get("ours_lr"), block.get("paper_ours_lr")
-        if ours_lr is not None:
-            out.append(
-                f"Ours: lr = sqrt(2 L(w0) / (K_hat T)) = {_g(ours_lr)} "
-                f"(paper's legend: {_g(paper, 2) if paper else 'none'}); "
-                f"K_hat = {_g(block.get('k_hat'), 4)}, L(w0) = {_g(block.get('initial_loss'), 4)}"
-                f", T = {block.get('total_steps')}"
-            )
-            out.append("")
-        out += [header, rule]
-        for m in block["methods"]:
-            div = "-" if m["diverged_at"] is None else f"diverged at epoch {m['diverged_at']}"
-            out.append(
-                f"| {m['legend']} | {_g(m['lr'])} | {_g(m['final_grad_norm'])} "
-                f"| {_g(m['min_grad_norm'])} | {_g(m['final_grad_norm_full'])} "
-                f"| {_g(m['final_loss'])} | {_acc(m['final_test_acc'])} | {div} "
-                f"| {_g(m.get('cost_gradients'))} | {_g(m.get('cost_seconds'))} "
-                f"| {_pct(m.get('gamma_neg_frac'))} |"
-            )
-        out.append("")
-        if len(report["variations"]) > 1:
-            out += _verdict_lines(block["verdicts"])
-            out.append("")
-    out += ["## Verdicts" if len(report["variations"]) == 1 else "## Summary", ""]
-    out += _verdict_lines(report["verdicts"])
-    if report.get("missing"):
-        out += ["", f"Missing runs (not finished yet): {', '.join(report['missing'])}"]
-    out.append("")
-    out.append(
-        "Gradient norms are the paper's (sqrt of the mean squared mini-batch gradient norm "
-        "over the epoch); 'full' is the exact full-data gradient norm at the epoch's end. "
-        "Cost: gradient-equivalents (one = a gradient over the whole training set; an "
-        f"epoch costs one; a Hessian-vector product counts as {HVP_GRADIENTS:g}) spent on "
-        "training, estimating K_hat (ours) and searching (LR finder, tuning), and the "
-        "measured seconds of the same. Gamma<0: mean fraction of coordinates where the "
-        "paper's Gamma_t = sqrt(v_t)/alpha_t - sqrt(v_t-1)/alpha_t-1 is negative (Adam "
-        "runs only)."
-    )
-    return "\n".join(out) + "\n"

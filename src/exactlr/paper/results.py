@@ -12,10 +12,11 @@ Layout: `<out_dir>/runs/<run_name>.json`, with
 Non-finite floats (a diverged run's NaN / inf) are written as the strings "NaN",
 "Infinity" and "-Infinity", so every file is strict JSON (readable by jq, JavaScript,
 ...); `load_result` turns them back into floats in `metrics`, `seconds` and `extra`.
+Files are written atomically (`exactlr.paper.store`), so a run killed mid-write leaves
+only a hidden `.*.tmp` file that `load_results` ignores.
 
-A file is written to a temporary file in the same folder, flushed, fsync'ed and renamed
-over the target (`os.replace`), so a reader never sees a partial file and a run killed
-mid-write leaves only a hidden `.*.tmp` file that `load_results` ignores.
+A figure's manifest lists its runs; `load_figure_runs` reads it with the result files
+it names (paths confined to the results folder).
 
 Example:
     >>> path = result_path("out", cfg)  # doctest: +SKIP
@@ -25,13 +26,10 @@ Example:
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,13 +37,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from exactlr.paper.training import (
+from exactlr._version import __version__
+from exactlr.paper.runconfig import (
     METRIC_FIELDS,
     OPTIONAL_METRIC_FIELDS,
     REQUIRED_METRIC_FIELDS,
     RunResult,
     TrainConfig,
     validate_config,
+)
+from exactlr.paper.schedules import MethodSpec
+from exactlr.paper.store import (
+    confined_path,
+    decode_nonfinite,
+    encode_nonfinite,
+    file_mode,
+    manifest_path,
+    read_json,
+    run_path,
+    write_bytes_atomic,
+    write_json_atomic,
 )
 
 __all__ = [
@@ -55,10 +66,14 @@ __all__ = [
     "environment_info",
     "file_mode",
     "is_finished",
+    "load_figure_runs",
+    "load_manifest",
     "load_result",
     "load_results",
+    "manifest_path",
     "result_path",
     "save_result",
+    "write_bytes_atomic",
     "write_json_atomic",
 ]
 
@@ -73,12 +88,11 @@ REQUIRED_FIELDS: tuple[str, ...] = (
     "seconds",
     "metrics",
 )
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 def result_path(out_dir: Path | str, cfg: TrainConfig) -> Path:
-    """`out_dir / "runs" / f"{cfg.run_name()}.json"`."""
-    return Path(out_dir) / "runs" / f"{cfg.run_name()}.json"
+    """`out_dir / "runs" / f"{cfg.run_name()}.json"` (:func:`exactlr.paper.store.run_path`)."""
+    return run_path(out_dir, cfg.run_name())
 
 
 def environment_info(device: torch.device | str | None = "cpu") -> dict[str, Any]:
@@ -88,8 +102,6 @@ def environment_info(device: torch.device | str | None = "cpu") -> dict[str, Any
         python, torch, numpy, exactlr versions, platform, device and its name, CPU
         threads, CUDA version (None on CPU-only builds).
     """
-    from exactlr import __version__
-
     device = torch.device(device if device is not None else "cpu")
     if device.type == "cuda" and torch.cuda.is_available():
         device_name = torch.cuda.get_device_name(device)
@@ -106,94 +118,6 @@ def environment_info(device: torch.device | str | None = "cpu") -> dict[str, Any
         "threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,
     }
-
-
-def encode_nonfinite(obj: Any) -> Any:
-    """Copy of `obj` with NaN / inf floats as "NaN" / "Infinity" / "-Infinity", tuples as
-    lists, numpy scalars and arrays as Python values and Paths as strings."""
-    if isinstance(obj, dict):
-        return {str(k): encode_nonfinite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [encode_nonfinite(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return encode_nonfinite(obj.tolist())
-    if isinstance(obj, np.generic):
-        return encode_nonfinite(obj.item())
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
-    return obj
-
-
-def decode_nonfinite(obj: Any) -> Any:
-    """Inverse of `encode_nonfinite` for the non-finite markers (recursively)."""
-    if isinstance(obj, dict):
-        return {k: decode_nonfinite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [decode_nonfinite(v) for v in obj]
-    if isinstance(obj, str) and obj in _NONFINITE:
-        return _NONFINITE[obj]
-    return obj
-
-
-@functools.cache
-def _umask() -> int:
-    # os.umask can only be read by setting it; done once, before any worker threads.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """Mode of a new result file: 0o666 less the process umask (0o644 under umask 022).
-
-    `tempfile.mkstemp` creates 0o600 files; result files are chmod-ed to this mode so they
-    get the permissions a plain `open(path, "w")` would give.
-    """
-    return 0o666 & ~_umask()
-
-
-def write_json_atomic(path: Path | str, obj: Any) -> None:
-    """Writes `obj` as strict JSON to `path` atomically (temp file, fsync, `os.replace`).
-
-    Non-finite floats are encoded with `encode_nonfinite`. Parent folders are created.
-    The file gets mode `file_mode()` (0o644 under the usual umask). On any error the
-    temporary file is removed and the target is left as it was.
-    """
-    text = json.dumps(encode_nonfinite(obj), indent=1, allow_nan=False, sort_keys=False)
-    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
-
-
-def write_bytes_atomic(path: Path | str, data: bytes) -> None:
-    """Writes `data` to `path` atomically (temp file, fsync, `os.replace`, mode
-    `file_mode()`); on any error the temporary file is removed and the target is left as
-    it was. Parent folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        if hasattr(os, "fchmod"):  # POSIX only
-            os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable where the OS allows opening a directory.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def save_result(path: Path | str, result: RunResult, *, extra: dict | None = None) -> None:
@@ -215,6 +139,8 @@ def save_result(path: Path | str, result: RunResult, *, extra: dict | None = Non
         "metrics": result.metrics_dict(),
         "extra": extra or {},
     }
+    if result.total_steps is not None:
+        record["total_steps"] = result.total_steps
     write_json_atomic(path, record)
 
 
@@ -231,11 +157,10 @@ def load_result(path: Path | str) -> dict[str, Any]:
         FileNotFoundError: The file does not exist.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); delete it to rerun the run") from err
+        data = read_json(path, what="result file")
+    except ValueError as err:
+        raise ValueError(f"{err}; delete it to rerun the run") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     version = data.get("schema_version")
@@ -322,3 +247,73 @@ def load_results(out_dir: Path | str, *, strict: bool = True) -> list[dict[str, 
                 raise
             warnings.warn(f"skipping invalid result file: {err}", stacklevel=2)
     return results
+
+
+def load_manifest(out_dir: Path | str, name: str, scale: str) -> dict[str, Any]:
+    """A figure's manifest (``out_dir/figures/<name>-<scale>.json``).
+
+    Raises:
+        FileNotFoundError: The figure has not been run at this scale in ``out_dir``.
+        ValueError: The manifest is not valid JSON or not an object with a list of runs.
+    """
+    path = manifest_path(out_dir, name, scale)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no runs of {name} at scale {scale} in {out_dir} ({path} is missing)"
+        )
+    manifest = read_json(path, what="manifest")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("runs", []), list):
+        raise ValueError(f"{path}: not a manifest (an object with a list 'runs'); rerun the figure")
+    return manifest
+
+
+def _label(data: dict[str, Any]) -> str:
+    extra = data.get("extra") or {}
+    if extra.get("label"):
+        return str(extra["label"])
+    return MethodSpec.from_dict(data["config"]["method"]).label
+
+
+def load_figure_runs(
+    name: str, *, out_dir: str | os.PathLike[str], scale: str
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+    """The manifest of a figure, its loaded runs and the runs still missing.
+
+    Args:
+        name: Figure name.
+        out_dir: Results root given to ``run_figure``.
+        scale: Scale name.
+
+    Returns:
+        ``(manifest, runs, missing)``: each run is the manifest entry merged with
+        ``"result"`` (the :func:`load_result` dict), ``"label"`` and ``"legend"``;
+        ``missing`` lists the run names without a finished result file.
+
+    Raises:
+        FileNotFoundError: The figure has not been run at this scale in ``out_dir``.
+        ValueError: A manifest or result file is corrupt.
+    """
+    root = Path(out_dir)
+    manifest = load_manifest(root, name, scale)
+    where = str(manifest_path(root, name, scale))
+    runs: list[dict[str, Any]] = []
+    missing: list[str] = []
+    for entry in manifest.get("runs", []):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: a run entry is not an object; rerun the figure")
+        path = confined_path(root, entry.get("path"), what=where)
+        if not path.is_file():
+            missing.append(str(entry.get("run_name", path.stem)))
+            continue
+        data = load_result(path)
+        label = _label(data)
+        series = entry.get("series")
+        runs.append(
+            {
+                **entry,
+                "result": data,
+                "label": label,
+                "legend": f"{series}: {label}" if series else label,
+            }
+        )
+    return manifest, runs, missing

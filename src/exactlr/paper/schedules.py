@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -307,8 +308,6 @@ def method_specs(group: str, ours_lr: float, *, finder_lr: float | None = None) 
 
 
 def _import_optional(package: str, optimizer: str) -> Any:
-    import importlib
-
     try:
         return importlib.import_module(package)
     except ImportError as err:

@@ -1,0 +1,230 @@
+"""The LR caches: alpha_ours and the LR range test, one file per setting.
+
+``alpha_ours = sqrt(2 L(w0) / (K_hat T))`` is computed once per setting (data, model,
+init, batch size, epochs, seed, K_hat samples: an :class:`LRKey`) and kept in
+``out_dir/lr/<key>.json``; figures that vary only the horizon T (fig12-15) share one
+K_hat estimate, since only alpha depends on T. The LR range test's suggestion does not
+depend on T or the K_hat samples and is kept in ``out_dir/lr_finder/<key>.json``.
+
+Keys are typed: an :class:`LRKey` renders its file name with :meth:`LRKey.to_filename`
+and is stored in the entry as ``setting`` (its fields), so entries are matched by value,
+never by parsing file names.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from exactlr.data import ArrayDataset, make_batches
+from exactlr.paper.lrfinder import lr_range_test
+from exactlr.paper.runconfig import TrainConfig
+from exactlr.paper.scales import Scale
+from exactlr.paper.store import finder_cache_path, lr_cache_path, read_json, write_json_atomic
+from exactlr.stepsize import exact_step_size, suggest_lr
+
+__all__ = ["LRKey", "finder_entry", "ours_entry"]
+
+
+@dataclass(frozen=True)
+class LRKey:
+    """The setting an LR cache entry belongs to.
+
+    ``epochs`` is None for the K_hat estimate shared across horizons, and ``num_samples``
+    None too for the LR range test (which uses neither).
+    """
+
+    dataset: str
+    subset: str
+    num_train: int | None
+    model: str
+    init: str
+    batch_size: int | None
+    epochs: int | None
+    seed: int
+    num_samples: int | None
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, num_samples: int) -> LRKey:
+        """The key of a run's alpha_ours. Adam's eps is not in it: the practical rule
+        drops delta^2 = gamma^2 / rho^2, so the LR does not depend on rho (the paper's
+        fig16 legend shows 0.015 for every rho)."""
+        return cls(
+            dataset=cfg.dataset,
+            subset=cfg.subset,
+            num_train=cfg.num_train,
+            model=cfg.model,
+            init=cfg.init,
+            batch_size=cfg.batch_size,
+            epochs=cfg.epochs,
+            seed=cfg.seed,
+            num_samples=num_samples,
+        )
+
+    def smoothness_key(self) -> LRKey:
+        """The key without the horizon: K_hat and L(w0) do not depend on T."""
+        return dataclasses.replace(self, epochs=None)
+
+    def finder_key(self) -> LRKey:
+        """The LR range test's key: without the horizon and the K_hat samples."""
+        return dataclasses.replace(self, epochs=None, num_samples=None)
+
+    def to_filename(self) -> str:
+        """File-name-safe text, e.g.
+        ``mnist-mini-n2000__fc3x1000__paper__bfull__e30__seed0__k5``."""
+        data = f"{self.dataset}-{self.subset}" + (f"-n{self.num_train}" if self.num_train else "")
+        batch = "full" if self.batch_size is None else str(self.batch_size)
+        name = f"{data}__{self.model}__{self.init}__b{batch}"
+        if self.epochs is not None:
+            name += f"__e{self.epochs}"
+        name += f"__seed{self.seed}"
+        if self.num_samples is not None:
+            name += f"__k{self.num_samples}"
+        return name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, as stored in an entry's ``setting``."""
+        return dataclasses.asdict(self)
+
+
+def _shared_estimate(out_dir: Path, key: LRKey) -> dict[str, Any] | None:
+    """An entry of another horizon with the same K_hat setting, if one exists."""
+    folder = lr_cache_path(out_dir, "x").parent
+    wanted = key.smoothness_key().to_dict()
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            entry = read_json(path, what="LR cache entry")
+        except ValueError:
+            continue
+        setting = entry.get("setting") if isinstance(entry, dict) else None
+        if isinstance(setting, dict) and {**setting, "epochs": None} == wanted:
+            return entry
+    return None
+
+
+def ours_entry(
+    key: LRKey,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    train: ArrayDataset,
+    out_dir: Path,
+    *,
+    scale: Scale,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Any]:
+    """alpha_ours for ``key``'s setting, from the cache file or computed and cached.
+
+    Args:
+        key: The setting (:meth:`LRKey.of` of the run's config).
+        cfg: A run of the setting (data, batch size, epochs, seed).
+        model: The model at w0.
+        train: The training data (already capped to ``num_train``).
+        out_dir: Results root.
+        scale: The figure's scale (K_hat's solver options).
+        device: Where K_hat is estimated.
+        progress: Show a bar over the K_hat samples.
+
+    Returns:
+        The entry: ``lr``, ``k_hat``, ``initial_loss``, ``total_steps`` (T), ...
+    """
+    path = lr_cache_path(out_dir, key.to_filename())
+    if path.is_file():
+        return read_json(path, what="LR cache entry")
+    batches = make_batches(train.to(device), cfg.batch_size)
+    total_steps = cfg.total_steps(len(train))
+    shared = _shared_estimate(out_dir, key)
+    if shared is not None:
+        entry = dict(shared)
+        entry.update(
+            key=key.to_filename(),
+            setting=key.to_dict(),
+            lr=exact_step_size(shared["initial_loss"], shared["k_hat"], total_steps),
+            total_steps=total_steps,
+            epochs=cfg.epochs,
+            reused_from=shared["key"],
+        )
+        write_json_atomic(path, entry)
+        return entry
+    start = time.perf_counter()
+    suggestion = suggest_lr(
+        copy.deepcopy(model).to(device),
+        F.cross_entropy,
+        batches,
+        total_steps=total_steps,
+        num_samples=key.num_samples,
+        generator=torch.Generator().manual_seed(cfg.seed + 1),
+        progress=progress,
+        method="lanczos",
+        **scale.solver_options,
+    )
+    est = suggestion.estimate
+    entry = {
+        "key": key.to_filename(),
+        "lr": suggestion.lr,
+        "k_hat": suggestion.k_hat,
+        "initial_loss": suggestion.initial_loss,
+        "total_steps": total_steps,
+        "epochs": cfg.epochs,
+        "batches_per_epoch": len(batches),
+        "num_train": len(train),
+        "num_samples": key.num_samples,
+        "samples": list(est.samples),
+        "running_max": list(est.running_max),
+        "records": [dataclasses.asdict(r) for r in est.records],
+        "variant": est.variant,
+        "seconds": time.perf_counter() - start,
+        "device": str(device),
+        "setting": key.to_dict(),
+    }
+    write_json_atomic(path, entry)
+    return entry
+
+
+def finder_entry(
+    key: LRKey,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    train: ArrayDataset,
+    out_dir: Path,
+    *,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The LR range test's suggestion for ``key``'s setting (:meth:`LRKey.finder_key`),
+    from ``out_dir/lr_finder/<key>.json`` or computed and cached there."""
+    key = key.finder_key()
+    path = finder_cache_path(out_dir, key.to_filename())
+    if path.is_file():
+        return read_json(path, what="LR finder cache entry")
+    result = lr_range_test(
+        model,
+        train,
+        batch_size=cfg.batch_size,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        seed=cfg.seed,
+        device=device,
+    )
+    entry = {
+        "key": key.to_filename(),
+        "lr": result.suggestion,
+        "steps": result.steps,
+        "diverged": result.diverged,
+        "gradient_equivalents": result.gradient_equivalents,
+        "seconds": result.seconds,
+        "lrs": result.lrs,
+        "losses": result.losses,
+        "batch_size": cfg.batch_size,
+        "num_train": len(train),
+        "device": str(device),
+        "setting": key.to_dict(),
+    }
+    write_json_atomic(path, entry)
+    return entry
