@@ -276,3 +276,26 @@ def test_progress_bar_runs(data) -> None:
     train, test = data
     result = train_run(_cfg(None), _model(), train, test, progress=True)
     assert len(result.metrics) == EPOCHS + 1
+
+
+def test_training_leaves_the_allocator_alone() -> None:
+    """train_run and the range test do not switch glibc's settings on their own: the
+    caller decides (the CLI enters keep_freed_memory around every subcommand)."""
+    from exactlr import allocator
+    from exactlr.paper.lrfinder import lr_range_test
+
+    train, test = synthetic_classification(num_train=64, num_test=16)
+    model = build_model("fc1x8", dataset="synthetic", generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig("synthetic", "full", "fc1x8", MethodSpec("c", "constant", 1e-2), 2, None)
+    depths: list[int] = []
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        depths.append(allocator._depth)
+        return F.cross_entropy(logits, y)
+
+    train_run(cfg, model, train, test, on_epoch=lambda m: depths.append(allocator._depth))
+    lr_range_test(model, train, num_iter=20, loss_fn=loss)
+    assert len(depths) == 3 + 20 and set(depths) == {0}
+    with allocator.keep_freed_memory():  # the caller's choice is kept
+        train_run(cfg, model, train, test, on_epoch=lambda m: depths.append(allocator._depth))
+    assert allocator._depth == 0

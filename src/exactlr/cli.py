@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from exactlr._version import __version__
 from exactlr.allocator import keep_freed_memory
+from exactlr.curvature import SpectralOptions
 from exactlr.curvature.distributed import rank_device, shard_batches, torchrun_session
 from exactlr.data import load_dataset, make_batches
 from exactlr.models import build_model
@@ -173,10 +174,8 @@ def _cmd_lr(args: argparse.Namespace) -> int:
         generator=generator,
         progress=not args.quiet and not args.json,
         variant=args.variant,
-        method=args.method,
-        tol=args.tol,
         patience=args.patience,
-        subsample=args.subsample,
+        options=SpectralOptions(method=args.method, tol=args.tol, subsample=args.subsample),
         parallel=args.parallel,
     )
     est = suggestion.estimate

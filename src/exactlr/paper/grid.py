@@ -81,7 +81,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from exactlr.allocator import keep_freed_memory
 from exactlr.data import ArrayDataset, make_batches
 from exactlr.paper.passes import _has_dropout, _optimizer_step
 from exactlr.paper.runconfig import (
@@ -388,7 +387,6 @@ class _Grid:
         self.record(epoch, grad_sq, totals)
 
 
-@keep_freed_memory()
 def train_grid(
     cfgs: Sequence[TrainConfig],
     model: nn.Module,

@@ -162,8 +162,7 @@ def ours_entry(
         num_samples=key.num_samples,
         generator=torch.Generator().manual_seed(cfg.seed + 1),
         progress=progress,
-        method="lanczos",
-        **scale.solver_options,
+        options=scale.spectral_options,
     )
     est = suggestion.estimate
     entry = {

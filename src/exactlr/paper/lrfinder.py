@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exactlr.allocator import keep_freed_memory
 from exactlr.curvature import LossFn
 from exactlr.data import ArrayDataset, make_batches
 
@@ -167,7 +166,6 @@ class _Curve:
         return False
 
 
-@keep_freed_memory()
 def lr_range_test(
     model: nn.Module,
     train: ArrayDataset,

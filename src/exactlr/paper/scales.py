@@ -17,7 +17,8 @@ file names as its value.
 from __future__ import annotations
 
 import enum
-from typing import Any
+
+from exactlr.curvature import SpectralOptions
 
 __all__ = ["SCALES", "Scale", "describe_scale", "parse_scale"]
 
@@ -49,10 +50,12 @@ class Scale(str, enum.Enum):
         return 0 if self is Scale.SMOKE else 5
 
     @property
-    def solver_options(self) -> dict[str, Any]:
-        """Options for K_hat's Lanczos solver: smoke only checks the plumbing, so a loose
-        tolerance and few iterations; other scales the library's defaults."""
-        return {"tol": 1e-2, "max_iters": 6} if self is Scale.SMOKE else {}
+    def spectral_options(self) -> SpectralOptions:
+        """K_hat's solver: Lanczos; smoke only checks the plumbing, so a loose tolerance
+        and few iterations; other scales the library's defaults."""
+        if self is Scale.SMOKE:
+            return SpectralOptions(method="lanczos", tol=1e-2, max_iters=6)
+        return SpectralOptions(method="lanczos")
 
     @property
     def num_threads(self) -> int | None:

@@ -65,7 +65,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exactlr.allocator import keep_freed_memory
 from exactlr.curvature import hessian_spectral_norm
 from exactlr.data import ArrayDataset, make_batches
 from exactlr.paper.passes import (
@@ -436,7 +435,6 @@ class _RunState:
         )
 
 
-@keep_freed_memory()
 def train_run(
     cfg: TrainConfig,
     model: nn.Module,
