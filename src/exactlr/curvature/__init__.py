@@ -19,8 +19,12 @@ Modules (each imports only those above it):
 - :mod:`~exactlr.curvature.memory`: the memory estimate behind ``hvp_mode="auto"``.
 - :mod:`~exactlr.curvature.operators`: :class:`HessianOperator` and
   :class:`StackedHessianOperator` (S weight samples, one vmapped product).
+- :mod:`~exactlr.curvature.distributed`: data-parallel products on
+  :mod:`torch.distributed` (each rank a shard of the batches, one ``all_reduce`` per
+  product), the ranks' agreement checks, one error on every rank.
 - :mod:`~exactlr.curvature.spectral`: :class:`SpectralOptions`,
-  :func:`hessian_spectral_norm`, :func:`hessian_spectral_norms`, :func:`full_loss`.
+  :func:`hessian_spectral_norm`, :func:`hessian_spectral_norms`, :func:`full_loss`
+  (each with ``process_group=``).
 
 The curvature is that of the loss *as training computes it*: BatchNorm uses batch
 statistics (train mode) and never updates its running statistics here; Dropout is
