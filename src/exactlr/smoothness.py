@@ -514,7 +514,7 @@ def estimate_smoothness(
         _check_same_batch_counts(len(data), split)
     per_round = group_size * (dist.get_world_size(split) if split is not None else 1)
     bar = None
-    if progress and tqdm is not None:
+    if progress and tqdm is not None and (group is None or dist.get_rank(group) == 0):
         bar = tqdm(total=num_samples, desc="K_hat samples", unit="sample")
     trace = _Trace(num_samples, patience, rel_tol, bar)
     evaluate = functools.partial(

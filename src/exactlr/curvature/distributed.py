@@ -8,7 +8,9 @@ computes its local operator exactly as one process would, with batch weights
     L(w) = sum_r (N_r / N) L_r(w),    H v = sum_r (N_r / N) H_r v,    N = sum_r N_r,
 
 i.e. one ``all_reduce`` of ``(N_r / N) H_r v`` (the parameter count of numbers) per
-product. The solvers then run identically on every rank: they start from the same
+product. The shards are taken as given: a ``DistributedSampler`` with
+``drop_last=False`` (its default) repeats up to W - 1 samples to even out the shards,
+and those count twice, as they do in training with it. The solvers then run identically on every rank: they start from the same
 vector (broadcast from the group's rank 0) and see the same all-reduced products, so
 every rank stops at the same step with the same K_hat and learning rate.
 
