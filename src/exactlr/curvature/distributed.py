@@ -10,9 +10,11 @@ computes its local operator exactly as one process would, with batch weights
 i.e. one ``all_reduce`` of ``(N_r / N) H_r v`` (the parameter count of numbers) per
 product. The shards are taken as given: a ``DistributedSampler`` with
 ``drop_last=False`` (its default) repeats up to W - 1 samples to even out the shards,
-and those count twice, as they do in training with it. The solvers then run identically on every rank: they start from the same
-vector (broadcast from the group's rank 0) and see the same all-reduced products, so
-every rank stops at the same step with the same K_hat and learning rate.
+and those count twice, as they do in training with it.
+
+The solvers run identically on every rank: they start from the same vector (broadcast
+from the group's rank 0) and see the same all-reduced products, so every rank stops at
+the same step with the same K_hat and learning rate.
 
 :class:`DataParallelOperator` wraps an operator of :mod:`exactlr.curvature.operators`
 (single or stacked) this way; :func:`data_parallel` builds one after checking that the
