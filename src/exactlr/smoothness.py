@@ -427,7 +427,7 @@ def estimate_smoothness(
     progress: bool = False,
     sample_batch: int = 1,
     options: SpectralOptions | None = None,
-    process_group: Any = None,
+    process_group: dist.ProcessGroup | bool | None = None,
     parallel: str = "data",
     **option_keywords: Any,
 ) -> SmoothnessEstimate:

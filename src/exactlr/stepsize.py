@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from exactlr.curvature import Batch, LossFn, SpectralOptions, full_loss, materialize_batches
@@ -141,7 +142,7 @@ def suggest_lr(
     rel_tol: float = 0.01,
     sample_batch: int = 1,
     options: SpectralOptions | None = None,
-    process_group: Any = None,
+    process_group: dist.ProcessGroup | bool | None = None,
     parallel: str = "data",
     **option_keywords: Any,
 ) -> LRSuggestion:

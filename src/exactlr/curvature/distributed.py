@@ -69,7 +69,9 @@ class RanksValueError(RanksError, ValueError):
     """A :class:`RanksError` caused by bad input (a ``ValueError`` on some rank)."""
 
 
-def resolve_group(process_group: Any = None) -> dist.ProcessGroup | None:
+def resolve_group(
+    process_group: dist.ProcessGroup | bool | None = None,
+) -> dist.ProcessGroup | None:
     """The group to spread products over, or None for a single process.
 
     Args:
@@ -312,7 +314,9 @@ def _has_batch_statistics(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def shard_batches(batches: Sequence[Any], model: nn.Module, process_group: Any = None) -> list[Any]:
+def shard_batches(
+    batches: Sequence[Any], model: nn.Module, process_group: dist.ProcessGroup | bool | None = None
+) -> list[Any]:
     """This rank's shard of an in-memory list of ``(inputs, targets)`` batches.
 
     With at least as many batches as ranks, rank r takes the whole batches

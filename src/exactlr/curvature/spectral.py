@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from exactlr.curvature.batches import (
@@ -179,7 +180,7 @@ def hessian_spectral_norm(
     subsample_tol: float = 1e-2,
     target: str = "both",
     rewrite: bool = True,
-    process_group: Any = None,
+    process_group: dist.ProcessGroup | bool | None = None,
 ) -> SpectralNormResult:
     """Spectral norm of the Hessian of the full-data loss at the model's weights.
 
@@ -361,7 +362,7 @@ def hessian_spectral_norms(
     hvp_mode: str = "auto",
     target: str = "both",
     rewrite: bool = True,
-    process_group: Any = None,
+    process_group: dist.ProcessGroup | bool | None = None,
 ) -> list[SpectralNormResult]:
     """:func:`hessian_spectral_norm` (Lanczos) of S models of one architecture at once.
 
@@ -484,7 +485,11 @@ class _ActiveProducts:
 
 
 def full_loss(
-    model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], *, process_group: Any = None
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    *,
+    process_group: dist.ProcessGroup | bool | None = None,
 ) -> float:
     """The size-weighted mean loss over ``batches`` as training computes it, without grad.
 
