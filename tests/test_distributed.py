@@ -55,6 +55,15 @@ def _make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
 
 
+def _start_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(5)
+
+
+def _dict_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The loss contract's ``loss(model, batch)`` on dict batches."""
+    return F.cross_entropy(model(batch["features"]), batch["labels"])
+
+
 def _batches(x: torch.Tensor, y: torch.Tensor, cuts: list[int]) -> list:
     """Consecutive batches of ``(x, y)`` ending at ``cuts``."""
     starts = [0, *cuts[:-1]]
@@ -130,6 +139,16 @@ def _shard_scenarios(rank: int) -> dict:
             )
         ),
     }
+    dicts = [{"features": xb, "labels": yb} for xb, yb in uneven]
+    out["norm_loss_contract"] = _norm(
+        hessian_spectral_norm(
+            model, batches=dicts, loss=_dict_loss, tol=TOL, generator=_start_generator()
+        )
+    )
+    with_loss = suggest_lr(
+        model, batches=dicts, loss=_dict_loss, total_steps=100, num_samples=2, tol=TOL
+    )
+    out["suggest_loss_contract"] = {"lr": with_loss.lr, "initial_loss": with_loss.initial_loss}
     lr = suggest_lr(model, F.cross_entropy, loader, total_steps=100, num_samples=2, tol=TOL)
     out["suggest_sampler"] = {"lr": lr.lr, "initial_loss": lr.initial_loss, "k_hat": lr.k_hat}
     samples = suggest_lr(
@@ -288,6 +307,22 @@ def test_uneven_shards_equal_one_process(shard_results: list[dict]) -> None:
         assert two["seeds"] == one["seeds"] and two["num_hvps"] == one["num_hvps"]
         assert all(_close(a, b) for a, b in zip(two["samples"], one["samples"], strict=True))
         assert all(_close(a, b) for a, b in zip(two["losses"], one["losses"], strict=True))
+
+
+def test_loss_contract_on_dict_batches_equals_one_process(shard_results: list[dict]) -> None:
+    x, y = _data()
+    dicts = [{"features": xb, "labels": yb} for xb, yb in _batches(x, y, [10, 30, SPLIT, 64])]
+    norm = hessian_spectral_norm(
+        _model(), batches=dicts, loss=_dict_loss, tol=TOL, generator=_start_generator()
+    )
+    got = shard_results[0]["norm_loss_contract"]
+    assert got["num_hvps"] == norm.num_hvps
+    assert _close(got["value"], norm.value) and _close(got["loss"], norm.loss, 1e-12)
+    one = suggest_lr(
+        _model(), batches=dicts, loss=_dict_loss, total_steps=100, num_samples=2, tol=TOL
+    )
+    two = shard_results[0]["suggest_loss_contract"]
+    assert _close(two["lr"], one.lr) and _close(two["initial_loss"], one.initial_loss, 1e-12)
 
 
 def test_minibatch_variant_is_the_max_over_all_ranks_batches(shard_results: list[dict]) -> None:

@@ -26,7 +26,8 @@ from exactlr.curvature import (
     random_unit_vector,
     training_loss_mode,
 )
-from exactlr.smoothness import _draw_model, estimate_smoothness
+from exactlr.sampling import draw_model as _draw_model
+from exactlr.smoothness import estimate_smoothness
 
 DTYPE = torch.float64
 Batches = list[tuple[Tensor, Tensor]]

@@ -13,6 +13,8 @@ Module map (data flows one way; nothing upstream imports anything downstream):
 - ``curvature``: the loss as a function of the weights (``batches``), Hessian-vector
   products (``operators``), the solvers (``solvers``: Lanczos, power iteration) and
   ``hessian_spectral_norm`` (``spectral``).
+- ``sampling``: weight samples of a model's own initialisation (``transformers`` models
+  rebuilt from their config), checked to be re-drawn.
 - ``smoothness``: Algorithm 2, ``estimate_smoothness`` (K_hat over weight samples).
 - ``stepsize``: the formula ``exact_step_size`` and ``suggest_lr``.
 - ``allocator``: ``keep_freed_memory``, a utility below every other module.

@@ -38,7 +38,6 @@ import torch.distributed as dist
 from torch import nn
 
 from exactlr.curvature import (
-    Batch,
     LossFn,
     SpectralOptions,
     hessian_spectral_norm,
@@ -54,6 +53,8 @@ from exactlr.curvature.distributed import (
     resolve_group,
     same_on_all_ranks,
 )
+from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
+from exactlr.sampling import draw_model
 
 try:  # tqdm is an optional extra: without it there is no progress bar
     from tqdm.auto import tqdm
@@ -127,17 +128,6 @@ class SmoothnessEstimate:
         return sum(r.seconds for r in self.records)
 
 
-def _draw_model(make_model: Callable[[], nn.Module], seed: int) -> nn.Module:
-    """Call ``make_model`` with the global RNG seeded to ``seed``, then restore it."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        model = make_model()
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"make_model() must return a torch.nn.Module, got {type(model)}")
-    return model
-
-
 @dataclass(frozen=True)
 class _Evaluation:
     """The spectral norm of one weight sample, as a record needs it."""
@@ -153,8 +143,8 @@ class _Evaluation:
 
 def _evaluate_one(
     model: nn.Module,
-    loss_fn: LossFn,
-    data: list[Batch],
+    objective: Objective,
+    data: list[Any],
     *,
     variant: str,
     seed: int,
@@ -175,8 +165,12 @@ def _evaluate_one(
     for part in groups:
         res = hessian_spectral_norm(
             model,
-            loss_fn,
+            objective.loss_fn,
             part,
+            loss=objective.loss,
+            batch_size=objective.batch_size,
+            check_labels=objective.check_labels,
+            check_determinism=options.check_determinism,
             generator=solver_gen,
             method=options.method,
             tol=options.tol,
@@ -218,8 +212,8 @@ def _best_over_ranks(evaluation: _Evaluation, group: dist.ProcessGroup) -> _Eval
 
 def _evaluate_group(
     models: list[nn.Module],
-    loss_fn: LossFn,
-    data: list[Batch],
+    objective: Objective,
+    data: list[Any],
     *,
     seeds: list[int],
     options: SpectralOptions,
@@ -233,8 +227,12 @@ def _evaluate_group(
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     results = hessian_spectral_norms(
         models,
-        loss_fn,
+        objective.loss_fn,
         data,
+        loss=objective.loss,
+        batch_size=objective.batch_size,
+        check_labels=objective.check_labels,
+        check_determinism=options.check_determinism,
         generators=generators,
         tol=options.tol,
         max_iters=options.max_iters,
@@ -251,8 +249,8 @@ def _evaluate_group(
 
 def _evaluate_samples(
     make_model: Callable[[], nn.Module],
-    loss_fn: LossFn,
-    data: list[Batch],
+    objective: Objective,
+    data: list[Any],
     seeds: list[int],
     *,
     device: torch.device | str | None,
@@ -265,9 +263,9 @@ def _evaluate_samples(
         return []
     models = _draw_models(make_model, seeds, device)
     if len(seeds) > 1:
-        return _evaluate_group(models, loss_fn, data, seeds=seeds, options=options, group=group)
+        return _evaluate_group(models, objective, data, seeds=seeds, options=options, group=group)
     one = _evaluate_one(
-        models[0], loss_fn, data, variant=variant, seed=seeds[0], options=options, group=group
+        models[0], objective, data, variant=variant, seed=seeds[0], options=options, group=group
     )
     return [one]
 
@@ -283,9 +281,15 @@ def _check_same_batch_counts(count: int, group: dist.ProcessGroup) -> None:
         )
 
 
-def _can_batch(variant: str, options: SpectralOptions) -> bool:
-    """Whether samples can be stacked: full-data Lanczos without a subsample start."""
-    return variant == "full" and options.method == "lanczos" and options.subsample is None
+def _can_batch(variant: str, options: SpectralOptions, objective: Objective) -> bool:
+    """Whether samples can be stacked: full-data Lanczos without a subsample start, on
+    ``(inputs, targets)`` pairs (see :func:`~exactlr.curvature.hessian_spectral_norms`)."""
+    return (
+        variant == "full"
+        and options.method == "lanczos"
+        and options.subsample is None
+        and objective.pairs
+    )
 
 
 def _check_arguments(
@@ -330,10 +334,11 @@ def smoothness_options(options: SpectralOptions | None = None, **keywords: Any) 
 def _draw_models(
     make_model: Callable[[], nn.Module], seeds: list[int], device: torch.device | str | None
 ) -> list[nn.Module]:
-    """One model per seed from ``make_model`` (see :func:`_draw_model`), on ``device``."""
+    """One model per seed from ``make_model`` (see :func:`~exactlr.sampling.draw_model`),
+    on ``device``."""
     models = []
     for seed in seeds:
-        model = _draw_model(make_model, seed)
+        model = draw_model(make_model, seed)
         models.append(model.to(device) if device is not None else model)
     return models
 
@@ -415,9 +420,11 @@ class _Trace:
 
 def estimate_smoothness(
     make_model: Callable[[], nn.Module],
-    loss_fn: LossFn,
-    batches: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    batches: Iterable[Any] | None = None,
     *,
+    loss: ModelLoss | None = None,
+    batch_size: BatchSize | None = None,
     num_samples: int = 10,
     generator: torch.Generator | None = None,
     variant: str = "full",
@@ -436,8 +443,13 @@ def estimate_smoothness(
     Args:
         make_model: Returns a freshly initialised model of the architecture (one sample
             of W). Called with the global RNG seeded per sample (and restored after).
-        loss_fn: Mean-reduced loss ``loss_fn(outputs, targets)``.
-        batches: Iterable of ``(inputs, targets)``; the loss is their size-weighted mean.
+        loss_fn: Mean-reduced loss ``loss_fn(outputs, targets)`` of ``(inputs, targets)``
+            batches; None with ``loss``.
+        batches: Iterable of batches; the loss is their size-weighted mean.
+        loss: ``loss(model, batch) -> mean loss`` for batches of any structure (see
+            :func:`~exactlr.curvature.hessian_spectral_norm`); instead of ``loss_fn``.
+        batch_size: ``batch_size(batch) -> int``; default: the first dimension of the
+            batch's first tensor.
         num_samples: N, the number of weight samples (the maximum if ``patience`` is set).
         generator: Seeds the samples and the solvers' start vectors.
         variant: ``"full"`` (full-data Hessian) or ``"minibatch"`` (max over batches).
@@ -456,9 +468,9 @@ def estimate_smoothness(
             the group's samples after the stopping one (at most ``sample_batch - 1``)
             were evaluated but are dropped (counted in ``discarded``), so the result is
             the sequential one. A record's ``seconds`` is its group's wall time divided by
-            the group size. Only ``variant="full"`` with ``method="lanczos"`` and no
-            ``subsample`` is batched; otherwise the samples are evaluated one by one (as
-            with 1). Default 1: one at a time.
+            the group size. Only ``variant="full"`` with ``method="lanczos"``, no
+            ``subsample`` and a ``loss_fn`` on pairs is batched; otherwise the samples
+            are evaluated one by one (as with 1). Default 1: one at a time.
         options: How each spectral norm is computed
             (:class:`~exactlr.curvature.SpectralOptions`); default: its defaults.
         process_group: Several processes (:mod:`exactlr.curvature.distributed`): a
@@ -476,7 +488,9 @@ def estimate_smoothness(
             one rank and there are at least as many samples as ranks.
         **option_keywords: Single options by name, replacing those of ``options``
             (``method``, ``tol``, ``max_iters``, ``hvp_mode``, ``subsample``,
-            ``subsample_tol``, ``target``, ``rewrite``). ``target`` defaults to
+            ``subsample_tol``, ``target``, ``rewrite``, ``check_labels``,
+            ``check_determinism``: the probe runs on the first sample, or the first
+            group, only). ``target`` defaults to
             ``"norm"`` here with Lanczos: the spectral norm is certified to ``tol``; the
             records' smaller-magnitude eigenvalue is then only a loose estimate (pass
             ``target="both"`` for both).
@@ -501,10 +515,13 @@ def estimate_smoothness(
     """
     _check_arguments(num_samples, variant, patience, rel_tol, sample_batch, parallel)
     opts = smoothness_options(options, **option_keywords)
+    objective = Objective(loss_fn, loss, batch_size, opts.check_labels)
     group = resolve_group(process_group)
-    group_size = sample_batch if _can_batch(variant, opts) else 1
+    group_size = sample_batch if _can_batch(variant, opts, objective) else 1
     with all_or_none(group):  # a rank's bad batches stop every rank
-        data = materialize_batches(batches, torch.device(device) if device is not None else None)
+        data = materialize_batches(
+            batches, torch.device(device) if device is not None else None, pairs=objective.pairs
+        )
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     seeds = torch.randint(0, 2**62, (num_samples,), generator=generator)
@@ -520,7 +537,7 @@ def estimate_smoothness(
     evaluate = functools.partial(
         _evaluate_samples,
         make_model,
-        loss_fn,
+        objective,
         data,
         device=device,
         variant=variant,
@@ -532,7 +549,9 @@ def estimate_smoothness(
             chunk = seeds[first : first + per_round]
             mine = chunk if split is None else rank_share(chunk, group_size, split)
             start = time.perf_counter()
-            evaluations = evaluate(mine)
+            # The determinism probe is about the architecture: the first round is enough.
+            round_opts = opts if first == 0 else dataclasses.replace(opts, check_determinism=False)
+            evaluations = evaluate(mine, options=round_opts)
             seconds = [(time.perf_counter() - start) / max(1, len(mine))] * len(mine)
             if split is not None:  # every rank's samples, in draw order
                 rounds = gather_objects((evaluations, seconds), split)

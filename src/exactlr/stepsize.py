@@ -12,7 +12,6 @@ alpha = sqrt(2 L(w0) / (K_hat T)).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,15 +21,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from exactlr.curvature import Batch, LossFn, SpectralOptions, full_loss, materialize_batches
+from exactlr.curvature import LossFn, SpectralOptions, full_loss, materialize_batches
 from exactlr.curvature.distributed import (
     PARALLEL_MODES,
     all_or_none,
     passed_on,
     resolve_group,
 )
-from exactlr.models import reinitialize
-from exactlr.smoothness import SmoothnessEstimate, estimate_smoothness
+from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
+from exactlr.sampling import default_make_model
+from exactlr.smoothness import SmoothnessEstimate, estimate_smoothness, smoothness_options
+
+__all__ = ["LRSuggestion", "default_make_model", "exact_step_size", "suggest_lr"]
 
 
 def _finite_number(name: str, value: object) -> float:
@@ -94,20 +96,6 @@ def exact_step_size(
     return math.sqrt(2.0 * (initial_loss - min_loss) / (smoothness * delta_sq * total_steps))
 
 
-def default_make_model(model: nn.Module) -> Callable[[], nn.Module]:
-    """Samples of W for ``model``: copies re-initialised with the model's own init.
-
-    Models built by :mod:`exactlr.models` are re-drawn with their preset (e.g. the paper's
-    N(0, sigma)); any other model gets ``reset_parameters()`` on every submodule (PyTorch's
-    default initialisation).
-    """
-
-    def make() -> nn.Module:
-        return reinitialize(copy.deepcopy(model))
-
-    return make
-
-
 @dataclass(frozen=True)
 class LRSuggestion:
     """A learning rate for Adam and its evidence.
@@ -129,9 +117,11 @@ class LRSuggestion:
 
 def suggest_lr(
     model: nn.Module,
-    loss_fn: LossFn,
-    batches: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    batches: Iterable[Any] | None = None,
     *,
+    loss: ModelLoss | None = None,
+    batch_size: BatchSize | None = None,
     total_steps: int,
     make_model: Callable[[], nn.Module] | None = None,
     num_samples: int = 10,
@@ -154,11 +144,18 @@ def suggest_lr(
 
     Args:
         model: The model that will be trained, at its initial weights.
-        loss_fn: Mean-reduced loss, e.g. ``torch.nn.functional.cross_entropy``.
-        batches: The training data as ``(inputs, targets)`` batches.
+        loss_fn: Mean-reduced loss of ``(inputs, targets)`` batches, e.g.
+            ``torch.nn.functional.cross_entropy``; None with ``loss``.
+        batches: The training data: an iterable of batches (a DataLoader, a list).
+        loss: ``loss(model, batch) -> mean loss`` for batches of any structure, e.g.
+            ``lambda m, b: m(**b).loss`` for a Hugging Face model; instead of ``loss_fn``.
+        batch_size: ``batch_size(batch) -> int``; default: the first dimension of the
+            batch's first tensor.
         total_steps: T, the number of optimizer steps (epochs x batches per epoch).
-        make_model: Returns a fresh model of the architecture; default: copies of
-            ``model`` re-initialised (:func:`default_make_model`).
+        make_model: Returns a fresh model of the architecture; default: fresh draws of
+            ``model``'s own initialisation
+            (:func:`~exactlr.sampling.default_make_model`; a parameter it cannot re-draw
+            is an error asking for ``make_model``).
         num_samples: Weight samples for K_hat.
         generator: Seeds the weight samples and solvers.
         progress: Show a progress bar during estimation.
@@ -182,7 +179,8 @@ def suggest_lr(
 
     Raises:
         ValueError: Bad ``total_steps``, ``num_samples`` or option, empty batches, a
-            non-finite loss, labels outside the class range.
+            non-finite loss, labels outside the class range, a parameter the default
+            sampler cannot re-draw, a loss that is not deterministic.
 
     Example:
         >>> import torch.nn.functional as F
@@ -201,14 +199,28 @@ def suggest_lr(
         raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL_MODES}")
     group = resolve_group(process_group)
     params = list(model.parameters())
+    objective = Objective(loss_fn, loss, batch_size)
     with all_or_none(group):  # a rank's bad batches stop every rank
-        data = materialize_batches(batches, params[0].device if params else None)
+        data = materialize_batches(
+            batches, params[0].device if params else None, pairs=objective.pairs
+        )
+    opts = smoothness_options(options, **option_keywords)
     sharded = group if parallel == "data" else None
-    initial_loss = full_loss(model, loss_fn, data, process_group=passed_on(sharded))
+    initial_loss = full_loss(
+        model,
+        loss_fn,
+        data,
+        loss=loss,
+        batch_size=batch_size,
+        check_labels=opts.check_labels,
+        process_group=passed_on(sharded),
+    )
     estimate = estimate_smoothness(
         make_model or default_make_model(model),
         loss_fn,
         data,
+        loss=loss,
+        batch_size=batch_size,
         num_samples=num_samples,
         generator=generator,
         progress=progress,
@@ -216,10 +228,9 @@ def suggest_lr(
         patience=patience,
         rel_tol=rel_tol,
         sample_batch=sample_batch,
-        options=options,
+        options=opts,
         process_group=passed_on(group),
         parallel=parallel,
-        **option_keywords,
     )
     lr = exact_step_size(initial_loss, estimate.k_hat, total_steps)
     return LRSuggestion(

@@ -1,19 +1,25 @@
-"""The data side of a training loss: batches, the model's training-loss mode, label checks.
+"""The data side of a training loss: batches on a device, their sizes, the model's mode.
 
 A loss over batches is the size-weighted mean of the per-batch mean losses,
 
-    L(w) = sum_b (n_b / N) * loss_fn(model(x_b; w), y_b),    N = sum_b n_b,
+    L(w) = sum_b (n_b / N) * loss_b(w),    N = sum_b n_b,
 
 so batches are materialised once (a list on the model's device, validated) and reused
-by every product. :func:`training_loss_mode` fixes the model's randomness and state so
-that ``L`` is a function of the weights alone.
+by every product. A batch is an ``(inputs, targets)`` pair or, with a ``loss(model,
+batch)`` (:mod:`exactlr.curvature.objective`), anything: tensors inside dicts,
+``UserDict``s such as Hugging Face's ``BatchEncoding``, lists and tuples are moved to
+the device recursively. :func:`training_loss_mode` makes ``L`` a deterministic function
+of the weights alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import UserDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,29 +28,28 @@ Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def _batchnorm_modules(model: nn.Module) -> Iterator[nn.modules.batchnorm._BatchNorm]:
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            yield module
-
-
 @contextlib.contextmanager
 def training_loss_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in the state in which its training loss is a fixed function of w.
 
-    Train mode (BatchNorm normalises with batch statistics) without updating BatchNorm's
-    running statistics, and Dropout off. Everything is restored on exit, including on error.
+    The model is put in eval mode, which switches off everything random that PyTorch and
+    libraries built on it gate on ``module.training``: ``nn.Dropout`` modules, functional
+    dropout such as the ``dropout_p`` a Hugging Face attention passes to
+    ``scaled_dot_product_attention``, RNN dropout, stochastic depth. Only normalisation
+    layers with batch statistics (BatchNorm, InstanceNorm) compute a different
+    deterministic function in training, so they alone go back to train mode, with
+    ``track_running_stats`` off: batch statistics as in training, and no running-stat
+    update. Everything is restored on exit, including on error.
     """
     modes = [(m, m.training) for m in model.modules()]
-    tracking = [(m, m.track_running_stats) for m in _batchnorm_modules(model)]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    tracking = [(m, m.track_running_stats) for m in norms]
     try:
-        model.train()
-        for module in model.modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd):
-                module.eval()
-        for module, _ in tracking:
+        model.eval()
+        for module in norms:
             # In train mode with track_running_stats False, BatchNorm passes no running
             # buffers to F.batch_norm: batch statistics, and no in-place buffer update.
+            module.train()
             module.track_running_stats = False
         yield model
     finally:
@@ -54,48 +59,115 @@ def training_loss_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = flag
 
 
-def materialize_batches(
-    batches: Iterable[Batch], device: torch.device | None = None
-) -> list[Batch]:
-    """Turn an iterable of ``(inputs, targets)`` into a list on ``device``.
+def tensors_of(batch: Any) -> Iterator[Tensor]:
+    """The tensors inside ``batch``, depth-first (mapping values in their order)."""
+    if isinstance(batch, Tensor):
+        yield batch
+    elif isinstance(batch, Mapping | UserDict):
+        for value in batch.values():
+            yield from tensors_of(value)
+    elif isinstance(batch, list | tuple):
+        for value in batch:
+            yield from tensors_of(value)
+
+
+def default_batch_size(batch: Any) -> int:
+    """The first dimension of the first tensor in ``batch``.
 
     Raises:
-        ValueError: If there are no batches, a batch is empty or not a pair, or the
-            inputs are not finite.
+        ValueError: No tensor, or a 0-d one, to take the size from.
     """
-    out: list[Batch] = []
+    first = next(tensors_of(batch), None)
+    if first is None or first.ndim == 0:
+        raise ValueError(
+            f"cannot tell the size of a batch of type {type(batch).__name__}: it has no "
+            "tensor with a batch dimension; pass batch_size=(batch) -> int"
+        )
+    return int(first.shape[0])
+
+
+def map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``batch`` with every tensor replaced by ``fn(tensor)``; the containers are copies
+    of the same types (a ``UserDict`` such as ``BatchEncoding`` keeps its class)."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, UserDict):
+        out = copy.copy(batch)
+        out.data = {k: map_tensors(v, fn) for k, v in batch.data.items()}
+        return out
+    if isinstance(batch, Mapping):
+        items = {k: map_tensors(v, fn) for k, v in batch.items()}
+        return items if type(batch) is dict else _rebuild(batch, items)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
+def _rebuild(mapping: Mapping, items: dict) -> Mapping:
+    try:
+        return type(mapping)(items)
+    except TypeError:  # a mapping type without a dict constructor
+        return items
+
+
+def to_device(batch: Any, device: torch.device | None) -> Any:
+    """``batch`` with every tensor moved to ``device`` (None: unchanged)."""
+    if device is None:
+        return batch
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+
+
+def _check_pair(batch: Any, i: int) -> Batch:
+    if not isinstance(batch, Sequence) or len(batch) != 2:
+        raise ValueError(
+            f"batch {i} must be an (inputs, targets) pair for loss_fn, got "
+            f"{type(batch).__name__}; for batches of other structure pass "
+            "loss=(model, batch) -> mean loss"
+        )
+    x, y = batch
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise ValueError(
+            f"batch {i} must hold an inputs tensor and a targets tensor for loss_fn, got "
+            f"({type(x).__name__}, {type(y).__name__}); for several input tensors or other "
+            "structures pass loss=(model, batch) -> mean loss"
+        )
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(
+            f"batch {i} has {len(x)} inputs and {len(y)} targets; batches must be "
+            "non-empty with one target per input"
+        )
+    return x, y
+
+
+def materialize_batches(
+    batches: Iterable[Any], device: torch.device | None = None, *, pairs: bool = True
+) -> list[Any]:
+    """Turn an iterable of batches into a list on ``device``, validated.
+
+    Args:
+        batches: ``(inputs, targets)`` pairs (``pairs=True``) or batches of any structure.
+        device: Where every tensor goes (None: where it is).
+        pairs: Require ``(inputs, targets)`` tensor pairs of equal length.
+
+    Raises:
+        ValueError: If there are no batches, a pair is malformed or empty, or a floating
+            tensor of a batch is not finite.
+    """
+    if batches is None:
+        raise ValueError("batches is missing; pass an iterable of batches")
+    out: list[Any] = []
     for i, batch in enumerate(batches):
-        if not isinstance(batch, Sequence) or len(batch) != 2:
-            raise ValueError(f"batch {i} must be an (inputs, targets) pair, got {type(batch)}")
-        x, y = batch
-        if len(x) == 0 or len(x) != len(y):
-            raise ValueError(
-                f"batch {i} has {len(x)} inputs and {len(y)} targets; batches must be "
-                "non-empty with one target per input"
-            )
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            raise ValueError(f"batch {i} has non-finite (NaN or inf) inputs; clean the data")
-        if device is not None:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out.append((x, y))
+        if pairs:
+            batch = _check_pair(batch, i)
+        for t in tensors_of(batch[0] if pairs else batch):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"batch {i} has non-finite (NaN or inf) inputs; clean the data")
+        out.append(to_device(batch, device))
     if not out:
-        raise ValueError("batches is empty; pass at least one (inputs, targets) batch")
+        raise ValueError("batches is empty; pass at least one batch")
     return out
-
-
-def check_targets(outputs: Tensor, targets: Tensor, batch_index: int) -> None:
-    """Class-index targets must lie in ``[0, num_classes)`` (cross-entropy style)."""
-    integer = targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
-    if integer and outputs.ndim >= 2 and targets.ndim == outputs.ndim - 1 and targets.numel():
-        num_classes = outputs.shape[1]
-        low, high = int(targets.min()), int(targets.max())
-        if low < 0 or high >= num_classes:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"label {bad} in batch {batch_index} is outside the class range "
-                f"[0, {num_classes - 1}] of the model's {num_classes} outputs; "
-                "fix the labels or the model's number of outputs"
-            )
 
 
 def module_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -106,17 +178,32 @@ def module_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def subsample_batches(
-    batches: Sequence[Batch], fraction: float, *, generator: torch.Generator | None = None
-) -> list[Batch]:
+    batches: Sequence[Any],
+    fraction: float,
+    *,
+    generator: torch.Generator | None = None,
+    sizes: Sequence[int] | None = None,
+) -> list[Any]:
     """A random ``fraction`` of every batch (at least two samples of each).
 
     Taking the same share of each batch keeps the size weights of the loss, so the
     subsample loss estimates the full one. Indices are drawn on the CPU from ``generator``.
+    Every tensor of a batch whose first dimension is the batch's size (``sizes[b]``,
+    default: :func:`default_batch_size`) is indexed; other tensors are kept whole.
     """
-    out: list[Batch] = []
-    for x, y in batches:
-        n = len(x)
+    out: list[Any] = []
+    for b, batch in enumerate(batches):
+        n = sizes[b] if sizes is not None else default_batch_size(batch)
         keep = min(n, max(2, math.ceil(fraction * n)))
-        index = torch.randperm(n, generator=generator)[:keep].sort().values.to(x.device)
-        out.append((x[index], y[index]))
+        index = torch.randperm(n, generator=generator)[:keep].sort().values
+
+        def take(t: Tensor, n: int = n, index: Tensor = index) -> Tensor:
+            return t[index.to(t.device)] if t.ndim >= 1 and t.shape[0] == n else t
+
+        out.append(map_tensors(batch, take))
     return out
+
+
+def head_of(batch: Any, count: int, size: int) -> Any:
+    """The first ``count`` samples of ``batch`` (tensors whose first dimension is ``size``)."""
+    return map_tensors(batch, lambda t: t[:count] if t.ndim >= 1 and t.shape[0] == size else t)

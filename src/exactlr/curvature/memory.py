@@ -9,7 +9,7 @@ between products; ``"forward"`` ones hold one batch's graph at a time. The opera
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -74,23 +74,24 @@ def reverse_graph_bytes(
 
 def choose_hvp_mode(
     model: nn.Module,
-    run_probe: Callable[[Tensor], object],
-    inputs: Sequence[Tensor],
+    run_probe: Callable[[], object],
     *,
+    probe_samples: int,
+    probe_input_bytes: int,
+    total_samples: int,
     num_params: int,
     dtype: torch.dtype,
     device: torch.device,
     memory_fraction: float,
 ) -> str:
-    """``"reverse"`` if the graph over all ``inputs`` fits ``memory_fraction`` of free memory.
+    """``"reverse"`` if the graph over ``total_samples`` fits ``memory_fraction`` of memory.
 
-    The activations per sample are measured on a probe of two samples of the first batch
-    (not one: BatchNorm1d in train mode rejects a batch of one) with ``run_probe(probe)``.
+    The activations per sample are measured by ``run_probe()``, a forward pass over
+    ``probe_samples`` samples of the first batch (two where it has them: BatchNorm1d in
+    train mode rejects a batch of one) whose inputs take ``probe_input_bytes``.
     """
-    x0 = inputs[0]
-    probe = x0[: min(2, len(x0))]
-    measured = activation_bytes(model, lambda: run_probe(probe))
-    per_sample = (measured + probe.numel() * probe.element_size()) / len(probe)
-    need = reverse_graph_bytes(per_sample, sum(len(x) for x in inputs), num_params, dtype)
+    measured = activation_bytes(model, run_probe)
+    per_sample = (measured + probe_input_bytes) / probe_samples
+    need = reverse_graph_bytes(per_sample, total_samples, num_params, dtype)
     budget = memory_fraction * available_memory_bytes(device)
     return "reverse" if need <= budget else "forward"

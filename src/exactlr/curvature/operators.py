@@ -1,8 +1,10 @@
 """Hessian-vector products of a training loss: one weight point, or S stacked ones.
 
-The loss is the size-weighted mean over ``(inputs, targets)`` batches (see
-:mod:`exactlr.curvature.batches`). Products ``H v`` are built with :mod:`torch.func` on a
-:func:`~torch.func.functional_call` of the model, in one of two modes:
+The loss is the size-weighted mean of the batches' mean losses, each given by an
+:class:`~exactlr.curvature.objective.Objective` (``loss_fn(outputs, targets)`` on pairs,
+or ``loss(model, batch)`` on batches of any structure). Products ``H v`` are built with
+:mod:`torch.func` on a :func:`~torch.func.functional_call` of the loss as a module
+(:class:`~exactlr.curvature.objective.LossModule`), in one of two modes:
 
 * ``"forward"`` -- forward-over-reverse, ``jvp(grad(L), w, v)`` batch by batch: low memory
   (one batch's graph at a time).
@@ -12,62 +14,119 @@ The loss is the size-weighted mean over ``(inputs, targets)`` batches (see
 
 ``benchmarks/bench_curvature.py`` measures the cost of a product of each mode in
 gradients. ``"auto"`` picks ``"reverse"`` when the estimated graph fits a memory budget
-(:mod:`exactlr.curvature.memory`).
+(:mod:`exactlr.curvature.memory`). Every evaluation runs with
+``scaled_dot_product_attention`` on its math kernel, the one with both a double backward
+and forward-mode AD (the fused CPU/GPU kernels have neither); any other op without the
+derivative a mode needs is a ValueError naming the op and the other mode.
 
 Unless ``rewrite=False``, products are taken of an exactly equal rewrite of the loss
-(:mod:`exactlr.curvature.rewrites`): the data enter shifted by their median with the
-first layer compensating (less float32 cancellation), and in ``"reverse"`` mode
-training-mode BatchNorm is built from elementary ops (a cheaper double backward).
+(:mod:`exactlr.curvature.rewrites`): for ``(inputs, targets)`` pairs the data enter
+shifted by their median with the first layer compensating (less float32 cancellation),
+and in ``"reverse"`` mode training-mode BatchNorm is built from elementary ops (a cheaper
+double backward).
 
-:class:`HessianOperator` and :class:`StackedHessianOperator` share
-:class:`_LossOperator`: the batches and their weights, the rewrites, the loss checks and
-the two product modes; they differ only in how one batch's loss is evaluated and how
-vectors are laid out (``(dim,)`` against ``(S, dim)``).
+:class:`HessianOperator` and :class:`~exactlr.curvature.stacked.StackedHessianOperator`
+share :class:`LossOperator`: the batches and their weights, the rewrites, the loss
+checks, the determinism probe and the two product modes; they differ only in how one
+batch's loss is evaluated and how vectors are laid out (``(dim,)`` against ``(S, dim)``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from exactlr.curvature.batches import Batch, LossFn, check_targets, training_loss_mode
+from exactlr.curvature.batches import LossFn, head_of, tensors_of
+from exactlr.curvature.determinism import (
+    nondeterminism_error,
+    random_ops,
+    relative_difference,
+    repeat_tolerance,
+)
 from exactlr.curvature.memory import choose_hvp_mode
+from exactlr.curvature.objective import BatchSize, LossModule, ModelLoss, Objective
 from exactlr.curvature.rewrites import data_shift, rewritten
 
 HVP_MODES = ("auto", "forward", "reverse")
 
+_MISSING_DERIVATIVE = re.compile(
+    r"derivative for (?P<back>[\w:.]+) is not implemented"
+    r"|forward AD with (?P<fwd>[\w:.]+)"
+    r"|Batching rule not implemented for (?P<vmap>[\w:.]+)"
+)
 
-class _LossOperator:
+
+def objective_of(
+    loss_fn: LossFn | None,
+    loss: ModelLoss | None,
+    batch_size: BatchSize | None,
+    check_labels: bool,
+    objective: Objective | None,
+) -> Objective:
+    """The :class:`Objective` of an operator's arguments (``objective`` or the parts)."""
+    if objective is None:
+        return Objective(loss_fn, loss, batch_size, check_labels)
+    if loss_fn is not None or loss is not None or batch_size is not None:
+        raise ValueError("pass either objective= or loss_fn/loss/batch_size, not both")
+    return objective
+
+
+def _unsupported_op_error(exc: Exception, mode: str) -> ValueError | None:
+    """A ValueError naming the op a product mode cannot differentiate, or None."""
+    match = _MISSING_DERIVATIVE.search(str(exc))
+    if match is None:
+        return None
+    op = match.group("back") or match.group("fwd") or match.group("vmap")
+    need = {"forward": "forward-mode AD (jvp over grad)", "reverse": "a double backward"}
+    other = "reverse" if mode == "forward" else "forward"
+    return ValueError(
+        f"the {mode!r} Hessian-vector product needs {need[mode]} of {op}, which PyTorch "
+        f"does not implement ({str(exc).splitlines()[0]}); try hvp_mode={other!r}, or "
+        "replace the op in the model"
+    )
+
+
+class LossOperator:
     """What both operators share: weighted batches, rewrites, loss checks, products.
 
-    A subclass calls :meth:`_init_batches` and :meth:`_init_layout` and defines
-    :meth:`_batch_loss` (one batch's loss as a function of ``params``, summed over the
-    samples of a stack) and :meth:`_check_vectors`. Vectors have the leading shape
+    A subclass sets ``objective``, ``params`` and ``hvp_mode``, calls
+    :meth:`_init_layout` and :meth:`_init_batches`, and defines :meth:`_batch_loss` (one
+    batch's loss as a function of ``params``, summed over the samples of a stack),
+    :meth:`_loss_values` and :meth:`_check_vectors`. Vectors have the leading shape
     ``lead`` (``()`` for one point, ``(S,)`` for S stacked points) followed by ``dim``.
     """
 
-    loss_fn: LossFn
+    objective: Objective
     params: dict[str, Tensor]
     hvp_mode: str
 
-    def _init_batches(self, batches: list[Batch], network: nn.Module, rewrite: bool) -> None:
+    def _init_batches(self, batches: list[Any], network: nn.Module, rewrite: bool) -> None:
         """Keep the batches, their weights ``n_b / N`` and the data shift of the rewrite.
 
-        ``network`` is the module whose first layer carries the shift hook.
+        ``network`` is the module whose first layer carries the shift hook (pairs only).
+
+        Raises:
+            ValueError: A batch size that is not a positive integer.
         """
         self.batches = batches
-        sizes = [len(x) for x, _ in batches]
+        sizes = [self.objective.size(b) for b in batches]
+        for i, n in enumerate(sizes):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"batch {i} has size {n!r}; a batch size is a positive int")
         self.sizes = sizes
         total = sum(sizes)
         self.weights = [n / total for n in sizes]
         self.rewrite, self.network = rewrite, network
-        self.shift = data_shift(network, [x for x, _ in batches]) if rewrite else None
+        pairs = self.objective.pairs
+        self.shift = data_shift(network, [x for x, _ in batches]) if rewrite and pairs else None
         self.num_products = 0
         self._reverse_fn: Callable | None = None
 
@@ -80,44 +139,49 @@ class _LossOperator:
         self.dtype, self.device = first.dtype, first.device
 
     # -- the loss -----------------------------------------------------------------------
-    def _batch_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def _batch_loss(self, params: dict[str, Tensor], batch: Any) -> Tensor:
         raise NotImplementedError
 
-    def _rewritten(self, *, composite: bool = False) -> contextlib.AbstractContextManager:
-        """Evaluate ``network`` on the shifted inputs as if on the data (exact rewrites)."""
-        return rewritten(self.network, self.shift, composite_batch_norm=composite and self.rewrite)
+    def _loss_values(self) -> Tensor:
+        raise NotImplementedError
 
-    def _pairs(self) -> Iterator[tuple[float, Tensor, Tensor]]:
-        """``(weight, rewritten inputs, targets)`` of every batch (shifted on the fly)."""
-        for w, (x, y) in zip(self.weights, self.batches, strict=True):
-            yield w, (x if self.shift is None else x - self.shift), y
+    def _context(self, *, composite: bool = False) -> contextlib.ExitStack:
+        """Every evaluation: the exact rewrites, and attention on its math kernel."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(
+            rewritten(self.network, self.shift, composite_batch_norm=composite and self.rewrite)
+        )
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        return stack
+
+    def _weighted(self) -> Iterator[tuple[float, Any]]:
+        """``(weight, batch)`` of every batch, pairs' inputs shifted on the fly."""
+        for w, batch in zip(self.weights, self.batches, strict=True):
+            if self.shift is not None:
+                x, y = batch
+                batch = (x - self.shift, y)
+            yield w, batch
 
     def _total_loss(self, params: dict[str, Tensor]) -> Tensor:
         """``sum_b w_b * batch_loss_b(params)``."""
         total = None
-        for w, x, y in self._pairs():
-            term = w * self._batch_loss(params, x, y)
+        for w, batch in self._weighted():
+            term = w * self._batch_loss(params, batch)
             total = term if total is None else total + term
         assert total is not None
         return total
 
-    def _checked_loss(self, module: nn.Module, state: tuple[dict, dict], where: str) -> float:
+    def _checked_loss(self, module: LossModule, state: tuple[dict, dict], where: str) -> float:
         """The full-data loss of ``module`` with ``state`` (no grad); validates it.
 
         Raises:
             ValueError: Labels outside the class range, a non-scalar or non-finite loss.
         """
         total = 0.0
-        with torch.no_grad(), self._rewritten():
-            for i, (w, x, y) in enumerate(self._pairs()):
-                outputs = functional_call(module, state, (x,))
-                check_targets(outputs, y, i)
-                value = self.loss_fn(outputs, y)
-                if value.ndim != 0:
-                    raise ValueError(
-                        f"loss_fn must return a scalar (mean over the batch), got shape "
-                        f"{tuple(value.shape)}; use reduction='mean'"
-                    )
+        with torch.no_grad(), self._context():
+            for i, (w, batch) in enumerate(self._weighted()):
+                value = functional_call(module, state, (batch,), {"check_index": i})
+                _check_scalar(value, self.objective)
                 total += w * float(value)
         if not math.isfinite(total):
             raise ValueError(f"the loss at {where} is not finite (loss={total})")
@@ -141,16 +205,26 @@ class _LossOperator:
         """Raise ValueError for vectors of the wrong shape (subclasses that check)."""
 
     def matvec(self, vectors: Tensor) -> Tensor:
-        """The Hessian(s) times ``vectors`` (one product, of every stacked point at once)."""
+        """The Hessian(s) times ``vectors`` (one product, of every stacked point at once).
+
+        Raises:
+            ValueError: An op in the model without the derivative this mode needs.
+        """
         self._check_vectors(vectors)
         self.num_products += 1
         tangent = self.unflatten(vectors.to(self.dtype))
-        if self.hvp_mode == "reverse":
-            if self._reverse_fn is None:
-                with self._rewritten(composite=True):
-                    _, self._reverse_fn = vjp(grad(self._total_loss), self.params)
-            return self._flat(self._reverse_fn(tangent)[0])
-        return self._forward_products(tangent)
+        try:
+            if self.hvp_mode == "reverse":
+                if self._reverse_fn is None:
+                    with self._context(composite=True):
+                        _, self._reverse_fn = vjp(grad(self._total_loss), self.params)
+                return self._flat(self._reverse_fn(tangent)[0])
+            return self._forward_products(tangent)
+        except (RuntimeError, NotImplementedError) as exc:
+            error = _unsupported_op_error(exc, self.hvp_mode)
+            if error is None:
+                raise
+            raise error from exc
 
     def __call__(self, vectors: Tensor) -> Tensor:
         return self.matvec(vectors)
@@ -158,11 +232,11 @@ class _LossOperator:
     def _forward_products(self, tangent: dict[str, Tensor]) -> Tensor:
         """``"forward"`` mode: ``sum_b w_b jvp(grad(batch_loss_b), params, tangent)``."""
         out = None
-        with self._rewritten():
-            for w, x, y in self._pairs():
+        with self._context():
+            for w, batch in self._weighted():
 
-                def batch_grad(p: dict[str, Tensor], x: Tensor = x, y: Tensor = y) -> dict:
-                    return grad(self._batch_loss)(p, x, y)
+                def batch_grad(p: dict[str, Tensor], batch: Any = batch) -> dict:
+                    return grad(self._batch_loss)(p, batch)
 
                 _, hv = jvp(batch_grad, (self.params,), (tangent,))
                 hv_flat = self._flat(hv)
@@ -174,8 +248,57 @@ class _LossOperator:
         """Free the reusable graph of ``"reverse"`` mode."""
         self._reverse_fn = None
 
+    # -- determinism ------------------------------------------------------------------------
+    def check_deterministic(self, vectors: Tensor, losses: Tensor | None = None) -> None:
+        """The loss(es) and one product, each evaluated twice, must agree.
 
-class HessianOperator(_LossOperator):
+        Two evaluations at the same weights may differ only by reduction-order rounding
+        (:func:`~exactlr.curvature.determinism.repeat_tolerance`). The two products are
+        not counted in ``num_products``; in ``"reverse"`` mode they build the graph the
+        solver then reuses.
+
+        Args:
+            vectors: The vector(s) of the probe product (e.g. the solver's start).
+            losses: The loss value(s) already computed once, if any.
+
+        Raises:
+            ValueError: A difference, naming the random ops of the forward pass if any.
+        """
+        tol = repeat_tolerance(self.dtype)
+        first = losses if losses is not None else self._loss_values()
+        difference = relative_difference(first, self._loss_values())
+        what = "loss"
+        if difference <= tol:
+            count = self.num_products
+            a, b = self.matvec(vectors), self.matvec(vectors)
+            self.num_products = count
+            difference, what = relative_difference(a, b), "Hessian-vector product"
+        if difference > tol:
+            raise nondeterminism_error(what, difference, self._random_ops())
+
+    def _random_ops(self) -> list[str]:
+        """The random ops of one forward pass over the first batch."""
+        raise NotImplementedError
+
+
+def _check_scalar(value: object, objective: Objective) -> None:
+    """A batch loss must be a 0-d tensor (the mean over the batch)."""
+    if isinstance(value, Tensor) and value.ndim == 0:
+        return
+    got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+    if objective.pairs:
+        advice = "use reduction='mean'"
+    else:
+        advice = "return the batch's mean loss as a tensor, e.g. lambda m, b: m(**b).loss"
+    name = "loss_fn" if objective.pairs else "loss"
+    raise ValueError(f"{name} must return a scalar (mean over the batch), got {got}; {advice}")
+
+
+def prefixed(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {LossModule.PREFIX + k: v for k, v in tensors.items()}
+
+
+class HessianOperator(LossOperator):
     """The Hessian of the size-weighted mean loss of ``model`` over ``batches``.
 
     A thin stateful wrapper: it holds the detached parameters, the batches and (in
@@ -186,50 +309,77 @@ class HessianOperator(_LossOperator):
 
     Args:
         model: The network; its current weights are the point ``w``.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
-        batches: List of ``(inputs, targets)`` pairs on the model's device.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of an
+            ``(inputs, targets)`` batch; None with ``loss``.
+        batches: List of batches on the model's device (see
+            :func:`~exactlr.curvature.batches.materialize_batches`).
+        loss: ``loss(model, batch)`` returning the mean loss of a batch of any structure
+            (instead of ``loss_fn``).
+        batch_size: ``batch_size(batch) -> int``, the batch's weight; default: the first
+            dimension of its first tensor.
+        check_labels: Check class targets of a cross-entropy ``loss_fn``.
+        objective: All of the above as one
+            :class:`~exactlr.curvature.objective.Objective` (instead of them).
         hvp_mode: ``"forward"``, ``"reverse"`` or ``"auto"`` (see the module docstring).
         memory_fraction: In ``"auto"``, the share of free memory the reusable graph may
             use before ``"forward"`` is chosen.
         rewrite: Apply the exact rewrites of :mod:`exactlr.curvature.rewrites` (input
-            shift of the first layer, composite BatchNorm in ``"reverse"`` mode): same
-            function, less rounding and cheaper products. False: evaluate the model as
-            given.
+            shift of the first layer for pairs, composite BatchNorm in ``"reverse"``
+            mode): same function, less rounding and cheaper products. False: evaluate
+            the model as given.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
-        batches: list[Batch],
+        loss_fn: LossFn | None = None,
+        batches: list[Any] | None = None,
         *,
+        loss: ModelLoss | None = None,
+        batch_size: BatchSize | None = None,
+        check_labels: bool = True,
+        objective: Objective | None = None,
         hvp_mode: str = "auto",
         memory_fraction: float = 0.25,
         rewrite: bool = True,
     ) -> None:
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode={hvp_mode!r} is not one of {HVP_MODES}")
+        if not batches:
+            raise ValueError("batches is empty; pass a list of batches")
         self.model = model
-        self.loss_fn = loss_fn
+        self.objective = objective_of(loss_fn, loss, batch_size, check_labels, objective)
+        self.loss_module = LossModule(model, self.objective)
         self.params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError("the model has no parameters that require grad")
         self.buffers = dict(model.named_buffers())
+        self._state_buffers = prefixed(self.buffers)
         self._init_layout((), [p.shape for p in self.params.values()])
         self._init_batches(batches, model, rewrite)
         self.hvp_mode = self._choose_mode(memory_fraction) if hvp_mode == "auto" else hvp_mode
 
-    def _batch_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        outputs = functional_call(self.model, (params, self.buffers), (x,))
-        return self.loss_fn(outputs, y)
+    @property
+    def loss_fn(self) -> LossFn | None:
+        """The ``loss_fn`` of the objective (None with ``loss``)."""
+        return self.objective.loss_fn
+
+    def _state(self, params: dict[str, Tensor]) -> tuple[dict, dict]:
+        return prefixed(params), self._state_buffers
+
+    def _batch_loss(self, params: dict[str, Tensor], batch: Any) -> Tensor:
+        return functional_call(self.loss_module, self._state(params), (batch,))
 
     def loss(self) -> float:
-        """The full-data loss ``L(w)``; validates targets and finiteness.
+        """The full-data loss ``L(w)``; validates labels, shape and finiteness.
 
         Raises:
             ValueError: For labels outside the model's class range or a non-finite loss.
         """
-        return self._checked_loss(self.model, (self.params, self.buffers), "these weights")
+        return self._checked_loss(self.loss_module, self._state(self.params), "these weights")
+
+    def _loss_values(self) -> Tensor:
+        return torch.tensor([self.loss()], dtype=torch.float64)
 
     @staticmethod
     def flatten(tensors: dict[str, Tensor] | Sequence[Tensor]) -> Tensor:
@@ -240,193 +390,43 @@ class HessianOperator(_LossOperator):
     def gradient(self) -> Tensor:
         """The flat gradient ``grad L(w)`` (one backward pass per batch)."""
         g = None
-        with self._rewritten():
-            for w, x, y in self._pairs():
-                gb = self.flatten(grad(self._batch_loss)(self.params, x, y))
+        with self._context():
+            for w, batch in self._weighted():
+                gb = self.flatten(grad(self._batch_loss)(self.params, batch))
                 g = w * gb if g is None else g + w * gb
         assert g is not None
         return g
 
+    def _random_ops(self) -> list[str]:
+        _, batch = next(self._weighted())
+        with self._context():
+            return random_ops(
+                self.model,
+                lambda: functional_call(self.loss_module, self._state(self.params), (batch,)),
+            )
+
     def _choose_mode(self, memory_fraction: float) -> str:
         """``"reverse"`` if the reusable graph of all batches fits the memory budget."""
+        pairs = self.objective.pairs
+        probe = head_of(self.batches[0], 2, self.sizes[0])
 
-        def run_probe(probe: Tensor) -> object:
-            return functional_call(self.model, (self.params, self.buffers), (probe,))
+        def run_probe() -> object:
+            if pairs:  # the model alone: labels are validated later, with a clear error
+                return functional_call(self.model, (self.params, self.buffers), (probe[0],))
+            with self._context():
+                return functional_call(self.loss_module, self._state(self.params), (probe,))
 
+        probe_bytes = sum(
+            t.numel() * t.element_size() for t in tensors_of(probe[0] if pairs else probe)
+        )
         return choose_hvp_mode(
             self.model,
             run_probe,
-            [x for x, _ in self.batches],
+            probe_samples=min(2, self.sizes[0]),
+            probe_input_bytes=probe_bytes,
+            total_samples=sum(self.sizes),
             num_params=self.dim,
             dtype=self.dtype,
             device=self.device,
             memory_fraction=memory_fraction,
         )
-
-
-class StackedHessianOperator(_LossOperator):
-    """The Hessians ``H_1..H_S`` of one loss at S weight samples of one architecture.
-
-    ``H_s`` is the Hessian of :class:`HessianOperator`'s loss at the weights ``w_s`` of
-    sample s, ``L(w) = sum_b (n_b / N) loss_fn(model(x_b; w), y_b)``, in training-loss
-    mode. The S parameter sets are stacked along a new leading dimension (what
-    :func:`torch.func.stack_module_state` does) and one :func:`~torch.func.vmap`-ed
-    :func:`~torch.func.functional_call` of a stateless copy of the architecture evaluates
-    all S losses at once. The S losses are independent, so the Hessian of
-    ``sum_s L(w_s)`` with respect to the stacked weights ``W`` is block-diagonal with
-    blocks ``H_s``, and one Hessian-vector product of that sum with the stacked tangent
-    ``V = (v_1; ..; v_S)`` is ``(H_1 v_1; ..; H_S v_S)``:
-
-    * ``"forward"``: ``jvp(grad(sum_s L(w_s)), W, V)``, batch by batch;
-    * ``"reverse"``: ``vjp(grad(sum_s L(w_s)), W)`` built once and reused.
-
-    BatchNorm: the stateless copy is taken inside
-    :func:`~exactlr.curvature.batches.training_loss_mode` (train mode,
-    ``track_running_stats=False``: batch statistics per sample, no buffer writes; Dropout
-    off), a form vmap handles; the tests check it against :class:`HessianOperator` on
-    BatchNorm models in float64.
-
-    Vectors are ``(S, dim)`` matrices; row s is a flat vector of sample s in the order of
-    :class:`HessianOperator` (trainable parameters in ``named_parameters()`` order).
-    Build one with :meth:`from_models`.
-
-    Args:
-        base: Stateless template of the architecture in training-loss mode (its own
-            tensors are never read; :meth:`from_models` puts it on the meta device).
-        params: Stacked trainable parameters, name -> ``(S, *shape)``.
-        constants: Stacked buffers and frozen parameters, name -> ``(S, *shape)``.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
-        batches: List of ``(inputs, targets)`` pairs on the parameters' device.
-        hvp_mode: ``"forward"`` or ``"reverse"``.
-        rewrite: As :class:`HessianOperator`'s (the shift hook goes on ``base``).
-    """
-
-    def __init__(
-        self,
-        base: nn.Module,
-        params: dict[str, Tensor],
-        constants: dict[str, Tensor],
-        loss_fn: LossFn,
-        batches: list[Batch],
-        *,
-        hvp_mode: str,
-        rewrite: bool = True,
-    ) -> None:
-        if hvp_mode not in ("forward", "reverse"):
-            raise ValueError(f"hvp_mode={hvp_mode!r} must be 'forward' or 'reverse' here")
-        if not params:
-            raise ValueError("the models have no parameters that require grad")
-        self.base, self.params, self.constants = base, params, constants
-        self.loss_fn, self.hvp_mode = loss_fn, hvp_mode
-        self.num_models = next(iter(params.values())).shape[0]
-        self._init_layout((self.num_models,), [p.shape[1:] for p in params.values()])
-        self._init_batches(batches, base, rewrite)
-
-    @classmethod
-    def from_models(
-        cls,
-        models: Sequence[nn.Module],
-        loss_fn: LossFn,
-        batches: list[Batch],
-        *,
-        hvp_mode: str = "auto",
-        memory_fraction: float = 0.25,
-        rewrite: bool = True,
-    ) -> StackedHessianOperator:
-        """Stack S models of one architecture (their current weights are the points).
-
-        The models are not modified. ``"auto"`` picks ``"reverse"`` when S times the
-        graph :class:`HessianOperator` estimates for one model fits ``memory_fraction``
-        of free memory.
-
-        Raises:
-            ValueError: No models, or models that differ in parameter/buffer names,
-                shapes, dtypes or which parameters require grad.
-        """
-        if hvp_mode not in HVP_MODES:
-            raise ValueError(f"hvp_mode={hvp_mode!r} is not one of {HVP_MODES}")
-        if not models:
-            raise ValueError("models is empty; pass at least one model")
-        signatures = [_state_signature(m) for m in models]
-        if any(sig != signatures[0] for sig in signatures[1:]):
-            raise ValueError(
-                "the models must share one architecture (same parameter and buffer names, "
-                "shapes, dtypes and requires_grad) to be stacked"
-            )
-        trainable = [n for n, p in models[0].named_parameters() if p.requires_grad]
-        named = [{**dict(m.named_parameters()), **dict(m.named_buffers())} for m in models]
-        stacked = {name: torch.stack([d[name].detach() for d in named]) for name in named[0]}
-        params = {name: stacked.pop(name) for name in trainable}
-        with training_loss_mode(models[0]):
-            if hvp_mode == "auto":
-                hvp_mode = HessianOperator(
-                    models[0],
-                    loss_fn,
-                    batches,
-                    memory_fraction=memory_fraction / len(models),
-                    rewrite=False,
-                ).hvp_mode
-            base = copy.deepcopy(models[0])  # keeps the training-loss-mode flags
-        return cls(
-            base.to("meta"), params, stacked, loss_fn, batches, hvp_mode=hvp_mode, rewrite=rewrite
-        )
-
-    def subset(self, index: Sequence[int]) -> StackedHessianOperator:
-        """The operator of the samples ``index`` only (a new stack, no graph)."""
-        rows = torch.as_tensor(list(index), dtype=torch.long, device=self.device)
-        sub = StackedHessianOperator(
-            self.base,
-            {k: v.index_select(0, rows) for k, v in self.params.items()},
-            {k: v.index_select(0, rows) for k, v in self.constants.items()},
-            self.loss_fn,
-            self.batches,
-            hvp_mode=self.hvp_mode,
-            rewrite=False,  # the shift is this stack's: no second median
-        )
-        sub.rewrite, sub.shift = self.rewrite, self.shift
-        return sub
-
-    def _sample_batch_loss(
-        self, params: dict[str, Tensor], constants: dict[str, Tensor], x: Tensor, y: Tensor
-    ) -> Tensor:
-        return self.loss_fn(functional_call(self.base, (params, constants), (x,)), y)
-
-    def _batch_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        """``sum_s loss_fn(model(x; w_s), y)`` for one batch."""
-        per_sample = vmap(self._sample_batch_loss, in_dims=(0, 0, None, None))
-        return per_sample(params, self.constants, x, y).sum()
-
-    def losses(self) -> list[float]:
-        """``L(w_s)`` for every sample; validates targets and finiteness.
-
-        Raises:
-            ValueError: For labels outside the class range, a non-scalar or a non-finite
-                loss.
-        """
-        out = []
-        for s in range(self.num_models):
-            params = {k: v[s] for k, v in self.params.items()}
-            constants = {k: v[s] for k, v in self.constants.items()}
-            where = f"the weights of stacked sample {s}"
-            out.append(self._checked_loss(self.base, (params, constants), where))
-        return out
-
-    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
-        """Concatenate ``(S, *shape)`` tensors into ``(S, dim)`` rows."""
-        return self._flat(tensors)
-
-    def _check_vectors(self, vectors: Tensor) -> None:
-        if vectors.shape != (self.num_models, self.dim):
-            raise ValueError(
-                f"expected vectors of shape {(self.num_models, self.dim)}, "
-                f"got {tuple(vectors.shape)}"
-            )
-
-
-def _state_signature(model: nn.Module) -> list[tuple]:
-    """Names, shapes, dtypes and requires_grad of a model's parameters and buffers."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"expected a torch.nn.Module, got {type(model)}")
-    params = [(n, p.shape, p.dtype, p.requires_grad) for n, p in model.named_parameters()]
-    buffers = [(n, b.shape, b.dtype) for n, b in model.named_buffers()]
-    return params + buffers

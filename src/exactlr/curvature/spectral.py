@@ -23,7 +23,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from exactlr.curvature.batches import (
-    Batch,
     LossFn,
     materialize_batches,
     module_device_dtype,
@@ -38,7 +37,8 @@ from exactlr.curvature.distributed import (
     same_on_all_ranks,
     shared_start,
 )
-from exactlr.curvature.operators import HessianOperator, StackedHessianOperator
+from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
+from exactlr.curvature.operators import HessianOperator
 from exactlr.curvature.solvers import (
     TARGETS,
     lanczos,
@@ -46,6 +46,7 @@ from exactlr.curvature.solvers import (
     power_iteration,
     random_unit_vector,
 )
+from exactlr.curvature.stacked import StackedHessianOperator
 
 METHODS = ("lanczos", "power")
 
@@ -72,6 +73,10 @@ class SpectralOptions:
             ``"norm"`` for :func:`~exactlr.smoothness.estimate_smoothness` with Lanczos).
         rewrite: Exact rewrites of the loss for the products
             (:mod:`exactlr.curvature.rewrites`).
+        check_labels: Check the class targets of a cross-entropy ``loss_fn``
+            (:mod:`exactlr.curvature.objective`).
+        check_determinism: Evaluate the loss and one product twice and raise if they
+            differ (:meth:`~exactlr.curvature.operators.LossOperator.check_deterministic`).
     """
 
     method: str = "lanczos"
@@ -82,6 +87,8 @@ class SpectralOptions:
     subsample_tol: float = 1e-2
     target: str | None = None
     rewrite: bool = True
+    check_labels: bool = True
+    check_determinism: bool = True
 
     @classmethod
     def from_keywords(
@@ -168,9 +175,11 @@ class SpectralNormResult:
 
 def hessian_spectral_norm(
     model: nn.Module,
-    loss_fn: LossFn,
-    batches: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    batches: Iterable[Any] | None = None,
     *,
+    loss: ModelLoss | None = None,
+    batch_size: BatchSize | None = None,
     method: str = "lanczos",
     tol: float = 1e-4,
     max_iters: int = 100,
@@ -180,20 +189,28 @@ def hessian_spectral_norm(
     subsample_tol: float = 1e-2,
     target: str = "both",
     rewrite: bool = True,
+    check_labels: bool = True,
+    check_determinism: bool = True,
     process_group: dist.ProcessGroup | bool | None = None,
 ) -> SpectralNormResult:
     """Spectral norm of the Hessian of the full-data loss at the model's weights.
 
     ``||H||_2 = max(|lambda_max(H)|, |lambda_min(H)|)`` where
-    ``H = d^2/dw^2 sum_b (n_b/N) loss_fn(model(x_b; w), y_b)``.
+    ``H = d^2/dw^2 sum_b (n_b/N) loss_b(w)`` with ``loss_b = loss_fn(model(x_b; w), y_b)``
+    or ``loss(model_w, batch_b)``.
 
     Args:
         model: The network (its weights are the point). Not modified: parameters,
             buffers and train/eval mode are as before on return.
-        loss_fn: Mean-reduced loss ``loss_fn(outputs, targets)``, e.g.
-            ``torch.nn.functional.cross_entropy``.
-        batches: Iterable of ``(inputs, targets)``, e.g. a DataLoader or ``[(X, y)]``;
-            moved to the model's device.
+        loss_fn: Mean-reduced loss ``loss_fn(outputs, targets)`` of ``(inputs, targets)``
+            batches, e.g. ``torch.nn.functional.cross_entropy``; None with ``loss``.
+        batches: Iterable of batches, e.g. a DataLoader or ``[(X, y)]``; every tensor in
+            them is moved to the model's device.
+        loss: ``loss(model, batch) -> mean loss`` for batches of any structure (dicts,
+            ``BatchEncoding``, tuples of several tensors), e.g.
+            ``lambda m, b: m(**b).loss``; instead of ``loss_fn``.
+        batch_size: ``batch_size(batch) -> int``, the weight of a batch in the full-data
+            loss; default: the first dimension of its first tensor.
         method: ``"lanczos"`` (both extremes at once, a-posteriori stop) or ``"power"``
             (power iteration for the dominant eigenvalue, then on ``H - lambda I`` for the
             other end).
@@ -216,6 +233,10 @@ def hessian_spectral_norm(
         rewrite: Exact rewrites of the loss for the products (see
             :class:`~exactlr.curvature.operators.HessianOperator` and
             :mod:`exactlr.curvature.rewrites`).
+        check_labels: Check the class targets of a cross-entropy ``loss_fn`` (classes of
+            the outputs or ``ignore_index``); False: no check.
+        check_determinism: Evaluate the loss and one product twice first and raise,
+            naming the random ops found, if they differ.
         process_group: Data-parallel products (:mod:`exactlr.curvature.distributed`):
             ``batches`` is this rank's shard, and the loss, the products and so the
             result are those of the data of all ranks, identical on every rank. None:
@@ -239,7 +260,8 @@ def hessian_spectral_norm(
 
     Raises:
         ValueError: Empty batches, labels outside the class range, a non-finite loss or
-            product, or a bad argument.
+            product, a loss that is not deterministic, an op without the derivative the
+            product mode needs, or a bad argument.
 
     Example:
         >>> import torch.nn.functional as F
@@ -258,23 +280,30 @@ def hessian_spectral_norm(
         subsample_tol=subsample_tol,
         target=target,
         rewrite=rewrite,
+        check_labels=check_labels,
+        check_determinism=check_determinism,
     )
     options.validate()
+    objective = Objective(loss_fn, loss, batch_size, check_labels)
     group = resolve_group(process_group)
     start = time.perf_counter()
     device, _ = module_device_dtype(model)
     with training_loss_mode(model):
         with all_or_none(group):  # a rank's bad shard stops every rank
-            data = materialize_batches(batches, device)
-            op = HessianOperator(model, loss_fn, data, hvp_mode=hvp_mode, rewrite=rewrite)
-            loss = op.loss()
-        op, loss = data_parallel(op, loss, group)
-        v0 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
+            data = materialize_batches(batches, device, pairs=objective.pairs)
+            op = HessianOperator(
+                model, objective=objective, batches=data, hvp_mode=hvp_mode, rewrite=rewrite
+            )
+            value = op.loss()
+            v0 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
+            if check_determinism:  # local: before any product is all-reduced
+                op.check_deterministic(v0, torch.tensor([value], dtype=torch.float64))
+        op, value = data_parallel(op, value, group)
         v0 = shared_start(op, v0)
-        subsample_hvps = 0
-        if subsample is not None:
-            v0, subsample_hvps = _subsample_start(op, v0, options, generator)
         try:
+            subsample_hvps = 0
+            if subsample is not None:
+                v0, subsample_hvps = _subsample_start(op, v0, options, generator)
             lam_max, lam_min, converged, error = _solve(op, v0, options, generator)
         finally:
             op.release()
@@ -286,7 +315,7 @@ def hessian_spectral_norm(
         converged=converged,
         method=method,
         hvp_mode=op.hvp_mode,
-        loss=loss,
+        loss=value,
         error_estimate=error,
         seconds=time.perf_counter() - start,
         subsample_hvps=subsample_hvps,
@@ -327,8 +356,10 @@ def _subsample_start(
     assert options.subsample is not None
     # A local generator when none is given: library code leaves the global RNG alone.
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    data = subsample_batches(op.batches, options.subsample, generator=generator)
-    sub = HessianOperator(op.model, op.loss_fn, data, hvp_mode=op.hvp_mode, rewrite=op.rewrite)
+    data = subsample_batches(op.batches, options.subsample, generator=generator, sizes=op.sizes)
+    sub = HessianOperator(
+        op.model, objective=op.objective, batches=data, hvp_mode=op.hvp_mode, rewrite=op.rewrite
+    )
     if isinstance(op, DataParallelOperator):  # every rank's subsample, weighted by size
         sub, _ = data_parallel(sub, 0.0, op.group)
     try:
@@ -353,15 +384,19 @@ def _subsample_start(
 
 def hessian_spectral_norms(
     models: Sequence[nn.Module],
-    loss_fn: LossFn,
-    batches: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    batches: Iterable[Any] | None = None,
     *,
+    loss: ModelLoss | None = None,
+    batch_size: BatchSize | None = None,
     tol: float = 1e-4,
     max_iters: int = 100,
     generators: Sequence[torch.Generator | None] | None = None,
     hvp_mode: str = "auto",
     target: str = "both",
     rewrite: bool = True,
+    check_labels: bool = True,
+    check_determinism: bool = True,
     process_group: dist.ProcessGroup | bool | None = None,
 ) -> list[SpectralNormResult]:
     """:func:`hessian_spectral_norm` (Lanczos) of S models of one architecture at once.
@@ -375,13 +410,16 @@ def hessian_spectral_norms(
     ``generator=generators[s]``; results agree with it to the solver tolerance (the
     batched product rounds differently). Finished models stop costing products in
     ``"forward"`` mode and are masked until half the stack is done in ``"reverse"``
-    mode (see ``_ActiveProducts``).
+    mode (see ``_ActiveProducts``). Only ``loss_fn`` on ``(inputs, targets)`` pairs:
+    model code is not always faithful under :func:`~torch.func.vmap` (a tiny Hugging Face
+    GPT-2's vmapped Hessian, ``torch.func.hessian``, disagrees with its per-vector one),
+    so a ``loss(model, batch)`` objective is evaluated model by model instead.
 
     Args:
         models: The networks, one architecture (same parameter/buffer names and shapes);
             not modified.
-        loss_fn: Mean-reduced loss ``loss_fn(outputs, targets)``.
-        batches: Iterable of ``(inputs, targets)``; moved to the first model's device.
+        loss_fn, batches, loss, batch_size: The loss, as for
+            :func:`hessian_spectral_norm`; batches are moved to the first model's device.
         tol: Relative accuracy of each spectral norm.
         max_iters: Maximum Hessian-vector products per model.
         generators: One start-vector generator per model, as ``generator`` of
@@ -391,6 +429,8 @@ def hessian_spectral_norms(
         target: ``"both"`` or ``"norm"`` (see :func:`~exactlr.curvature.solvers.lanczos`).
         rewrite: Exact rewrites of the loss for the products (see
             :class:`~exactlr.curvature.operators.HessianOperator`).
+        check_labels, check_determinism: As for :func:`hessian_spectral_norm` (the
+            probe evaluates the whole stack twice).
         process_group: Data-parallel products, as in :func:`hessian_spectral_norm`.
 
     Returns:
@@ -409,19 +449,26 @@ def hessian_spectral_norms(
     start = time.perf_counter()
     if not models:
         raise ValueError("models is empty; pass at least one model")
+    objective = Objective(loss_fn, loss, batch_size, check_labels)
+    if not objective.pairs:
+        raise ValueError(
+            "hessian_spectral_norms stacks models with vmap, which takes loss_fn on "
+            "(inputs, targets) batches only; with loss=, call hessian_spectral_norm per model"
+        )
     group = resolve_group(process_group)
     device, _ = module_device_dtype(models[0])
     with all_or_none(group):  # a rank's bad shard stops every rank
-        data = materialize_batches(batches, device)
+        data = materialize_batches(batches, device, pairs=objective.pairs)
         op = StackedHessianOperator.from_models(
-            models, loss_fn, data, hvp_mode=hvp_mode, rewrite=rewrite
+            models, objective=objective, batches=data, hvp_mode=hvp_mode, rewrite=rewrite
         )
         losses = op.losses()
+        gens = list(generators) if generators is not None else [None] * len(models)
+        draws = [random_unit_vector(op.dim, generator=g, dtype=op.dtype) for g in gens]
+        v0 = torch.stack(draws).to(op.device)
+        if check_determinism:  # local: before any product is all-reduced
+            op.check_deterministic(v0, torch.tensor(losses, dtype=torch.float64))
     op, losses = data_parallel(op, losses, group)
-    gens = list(generators) if generators is not None else [None] * len(models)
-    v0 = torch.stack(
-        [random_unit_vector(op.dim, generator=g, dtype=op.dtype, device=op.device) for g in gens]
-    )
     v0 = same_on_all_ranks(v0, group)
     products = _ActiveProducts(op)
     try:
@@ -486,25 +533,33 @@ class _ActiveProducts:
 
 def full_loss(
     model: nn.Module,
-    loss_fn: LossFn,
-    batches: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    batches: Iterable[Any] | None = None,
     *,
+    loss: ModelLoss | None = None,
+    batch_size: BatchSize | None = None,
+    check_labels: bool = True,
     process_group: dist.ProcessGroup | bool | None = None,
 ) -> float:
     """The size-weighted mean loss over ``batches`` as training computes it, without grad.
 
-    The model is left unchanged (see :func:`~exactlr.curvature.batches.training_loss_mode`).
-    With a process group (see :func:`hessian_spectral_norm`), ``batches`` is this rank's
-    shard and the result the loss over the data of all ranks.
+    The loss is given as for :func:`hessian_spectral_norm` (``loss_fn`` on pairs, or
+    ``loss``). The model is left unchanged (see
+    :func:`~exactlr.curvature.batches.training_loss_mode`). With a process group (see
+    :func:`hessian_spectral_norm`), ``batches`` is this rank's shard and the result the
+    loss over the data of all ranks.
 
     Raises:
         ValueError: Empty batches, bad labels, or a non-finite loss.
     """
+    objective = Objective(loss_fn, loss, batch_size, check_labels)
     group = resolve_group(process_group)
     device, _ = module_device_dtype(model)
     with training_loss_mode(model):
         with all_or_none(group):
-            data = materialize_batches(batches, device)
-            op = HessianOperator(model, loss_fn, data, hvp_mode="forward", rewrite=False)
-            loss = op.loss()
-        return data_parallel(op, loss, group)[1]
+            data = materialize_batches(batches, device, pairs=objective.pairs)
+            op = HessianOperator(
+                model, objective=objective, batches=data, hvp_mode="forward", rewrite=False
+            )
+            value = op.loss()
+        return data_parallel(op, value, group)[1]
