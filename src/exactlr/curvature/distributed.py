@@ -193,6 +193,8 @@ class DataParallelOperator:
         self.op, self.group, self.share = op, group, share
 
     def __getattr__(self, name: str) -> Any:
+        if name == "op":  # not set yet (copy, unpickling): no recursion through self.op
+            raise AttributeError(name)
         if name in _LOCAL_ONLY:
             raise AttributeError(
                 f"{name} of a data-parallel operator is not defined: it would be one "
