@@ -16,17 +16,21 @@ Module map (data flows one way; nothing upstream imports anything downstream):
 - ``sampling``: weight samples of a model's own initialisation (``transformers`` models
   rebuilt from their config), checked to be re-drawn.
 - ``smoothness``: Algorithm 2, ``estimate_smoothness`` (K_hat over weight samples).
-- ``stepsize``: the formula ``exact_step_size`` and ``suggest_lr``.
+- ``check``: the safety check of a step size, ``check_step_size`` (k Adam steps from w0
+  on a copy, then the loss and the curvature at the end).
+- ``stepsize``: the formula ``exact_step_size`` and ``suggest_lr`` (``check_steps=``).
 - ``allocator``: ``keep_freed_memory``, a utility below every other module.
 - ``integrations``: Lightning and Hugging Face Trainer callbacks (optional imports).
 - ``paper``: the reproduction harness (figures, scales, schedules, training, the LR
   range test, results, report, plotting, the Ray executor).
-- ``cli``: the ``exactlr`` command.
+- ``userspec``: the user's objects from ``module:attribute`` or ``file.py:attribute``.
+- ``cli``: the ``exactlr`` command (``lr_command``: ``exactlr lr``).
 
 """
 
 from exactlr._version import __version__
 from exactlr.allocator import keep_freed_memory
+from exactlr.check import CheckReport, check_step_size
 from exactlr.curvature import (
     EigenResult,
     HessianOperator,
@@ -40,6 +44,7 @@ from exactlr.smoothness import SampleRecord, SmoothnessEstimate, estimate_smooth
 from exactlr.stepsize import LRSuggestion, exact_step_size, suggest_lr
 
 __all__ = [
+    "CheckReport",
     "EigenResult",
     "HessianOperator",
     "LRSuggestion",
@@ -47,6 +52,7 @@ __all__ = [
     "SmoothnessEstimate",
     "SpectralNormResult",
     "__version__",
+    "check_step_size",
     "estimate_smoothness",
     "exact_step_size",
     "full_loss",

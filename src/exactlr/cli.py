@@ -19,19 +19,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-import torch.nn.functional as F
 
+from exactlr import lr_command
 from exactlr._version import __version__
 from exactlr.allocator import keep_freed_memory
-from exactlr.curvature import SpectralOptions
-from exactlr.curvature.distributed import rank_device, shard_batches, torchrun_session
-from exactlr.data import load_dataset, make_batches
-from exactlr.models import build_model
+from exactlr.curvature.distributed import rank_device, torchrun_session
 from exactlr.paper import ray_executor
 from exactlr.paper.figures import get_figure, list_figures
 from exactlr.paper.planning import parse_methods
 from exactlr.paper.report import figure_report, format_markdown
-from exactlr.paper.runconfig import steps_per_epoch
 from exactlr.paper.runner import run_figure
 from exactlr.paper.scales import Scale, parse_scale
 from exactlr.paper.store import (
@@ -41,7 +37,6 @@ from exactlr.paper.store import (
     write_json_atomic,
     write_text_atomic,
 )
-from exactlr.stepsize import suggest_lr
 
 EXIT_USAGE = 2
 
@@ -90,6 +85,17 @@ def methods_arg(text: str) -> tuple[str, ...]:
         return parse_methods(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"--methods {text!r}: {err}") from None
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def share_arg(text: str) -> float:
@@ -149,74 +155,7 @@ def add_common_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_lr(args: argparse.Namespace) -> int:
-    if args.subsample is not None and args.method != "lanczos":
-        raise UsageError(
-            f"--subsample {args.subsample:g} needs --method lanczos (got --method "
-            f"{args.method}); drop --subsample or use lanczos"
-        )
-    device = rank_device(resolve_device(args.device))
-    train, _ = load_dataset(
-        args.dataset, subset=args.subset, data_dir=args.data_dir, seed=args.seed
-    )
-    batches = make_batches(train.to(device), args.batch_size)
-    generator = torch.Generator().manual_seed(args.seed)
-    model = build_model(args.model, dataset=args.dataset, init=args.init, generator=generator)
-    model = model.to(device)
-    total_steps = args.epochs * steps_per_epoch(len(train), args.batch_size)
-    # Under torchrun: this process's share of the data, or all of it with --parallel samples.
-    shard = batches if args.parallel == "samples" else shard_batches(batches, model)
-    suggestion = suggest_lr(
-        model,
-        F.cross_entropy,
-        shard,
-        total_steps=total_steps,
-        num_samples=args.samples,
-        generator=generator,
-        progress=not args.quiet and not args.json,
-        variant=args.variant,
-        patience=args.patience,
-        options=SpectralOptions(method=args.method, tol=args.tol, subsample=args.subsample),
-        parallel=args.parallel,
-    )
-    est = suggestion.estimate
-    if args.json:
-        payload = {
-            "lr": suggestion.lr,
-            "k_hat": suggestion.k_hat,
-            "initial_loss": suggestion.initial_loss,
-            "total_steps": suggestion.total_steps,
-            "epochs": args.epochs,
-            "batches_per_epoch": len(batches),
-            "model": args.model,
-            "dataset": args.dataset,
-            "subset": args.subset,
-            "num_train": len(train),
-            "variant": est.variant,
-            "stopped_early": est.stopped_early,
-            "samples": [r.__dict__ for r in est.records],
-        }
-        print(json.dumps(payload, indent=2))
-        return 0
-    print(
-        f"model {args.model} ({args.init} init), data {args.dataset}/{args.subset} "
-        f"({len(train)} samples), {len(batches)} batch(es) per epoch, device {device}"
-    )
-    sub = f"  HVPs on {args.subsample:.0%} of the data" if args.subsample is not None else ""
-    print(f"  sample  ||H||_2       lambda_max    lambda_min    HVPs  seconds{sub}")
-    for r in est.records:
-        extra = f"  {r.subsample_hvps:>9}" if args.subsample is not None else ""
-        print(
-            f"  {r.index:>6}  {r.value:<12.6g}  {r.lambda_max:<12.6g}  {r.lambda_min:<12.6g}"
-            f"  {r.num_hvps:>4}  {r.seconds:7.2f}{extra}"
-        )
-    print(
-        f"K_hat  = {suggestion.k_hat:.6g}  (max over {len(est.samples)} samples"
-        f"{', adaptive stop' if est.stopped_early else ''})"
-    )
-    print(f"L(w0)  = {suggestion.initial_loss:.6g}")
-    print(f"T      = {suggestion.total_steps}  ({args.epochs} epochs x {len(batches)} steps)")
-    print(f"lr     = sqrt(2 L(w0) / (K_hat T)) = {suggestion.lr:.6g}")
-    return 0
+    return lr_command.run(args, rank_device(resolve_device(args.device)))
 
 
 # --------------------------------------------------------------------------------------
@@ -401,10 +340,17 @@ def _add_threads_arg(parser: argparse.ArgumentParser, default: str) -> None:
 def _add_lr_command(sub: Any) -> None:
     """``exactlr lr``."""
     lr = sub.add_parser("lr", help="the exact step size for a model and data set")
-    lr.add_argument("--model", default="fc3x1000", help="fc{depth}x{width}, lenet or vgg9")
-    lr.add_argument("--dataset", default="synthetic", help="synthetic, mnist or cifar10")
-    lr.add_argument("--subset", default="mini", choices=["mini", "full"])
-    lr.add_argument("--init", default="paper", choices=["paper", "pytorch"])
+    lr.add_argument(
+        "--model",
+        default="fc3x1000",
+        help="fc{depth}x{width}, lenet, vgg9, or your factory: pkg.module:factory or "
+        "path/to/file.py:factory (factory() returns a freshly initialised model)",
+    )
+    lr.add_argument("--dataset", default=None, help="synthetic (default), mnist or cifar10")
+    lr.add_argument("--subset", default=None, choices=["mini", "full"], help="default: mini")
+    lr.add_argument(
+        "--init", default=None, choices=["paper", "pytorch"], help="built-in models; default: paper"
+    )
     lr.add_argument("--epochs", type=positive_int, default=100)
     lr.add_argument("--batch-size", type=batch_size_arg, default=None, metavar="full|N")
     lr.add_argument("--samples", type=positive_int, default=10, help="weight samples N")
@@ -434,6 +380,37 @@ def _add_lr_command(sub: Any) -> None:
     )
     lr.add_argument("--json", action="store_true", help="machine-readable output")
     add_common_data_args(lr)
+    lr.add_argument(
+        "--data",
+        default=None,
+        metavar="MODULE:LOADER",
+        help="your training batches: pkg.module:loader or path/to/file.py:loader, where "
+        "loader() returns (inputs, targets) batches (a list or DataLoader, one epoch); "
+        "replaces --dataset/--subset/--batch-size",
+    )
+    lr.add_argument(
+        "--k-hat",
+        type=positive_float,
+        default=None,
+        metavar="X",
+        help="reuse a measured K_hat (e.g. for another --epochs): only L(w0) is measured",
+    )
+    lr.add_argument(
+        "--check",
+        type=non_negative_int,
+        default=0,
+        metavar="K",
+        help="safety check: K Adam steps (10 or more) at the suggested lr on a copy from w0, "
+        "then the loss change and the Hessian norm at the end against K_hat and 2/lr; warns "
+        "when the loss rose or the curvature grew beyond K_hat (default 0: off)",
+    )
+    lr.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE",
+        help="draw the per-sample Hessian norms and their running max (K_hat) to FILE "
+        "(.png, .pdf, .svg; needs matplotlib)",
+    )
     lr.set_defaults(func=_cmd_lr)
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from exactlr.check import CheckReport, check_step_size
 from exactlr.curvature import LossFn, SpectralOptions, full_loss, materialize_batches
 from exactlr.curvature.distributed import (
     PARALLEL_MODES,
@@ -106,6 +107,8 @@ class LRSuggestion:
         initial_loss: ``L(w0)`` measured on the model to be trained.
         total_steps: ``T``.
         estimate: Algorithm 2's full result (per-sample values, running max).
+        check: The safety check's report when ``check_steps`` was given
+            (:func:`exactlr.check.check_step_size`), else None.
     """
 
     lr: float
@@ -113,6 +116,12 @@ class LRSuggestion:
     initial_loss: float
     total_steps: int
     estimate: SmoothnessEstimate = field(repr=False)
+    check: CheckReport | None = field(default=None, repr=False)
+
+    @property
+    def warning(self) -> str | None:
+        """The safety check's warning (the loss rose or the curvature grew), or None."""
+        return None if self.check is None else self.check.warning
 
 
 def suggest_lr(
@@ -132,6 +141,7 @@ def suggest_lr(
     rel_tol: float = 0.01,
     sample_batch: int = 1,
     options: SpectralOptions | None = None,
+    check_steps: int = 0,
     process_group: dist.ProcessGroup | bool | None = None,
     parallel: str = "data",
     **option_keywords: Any,
@@ -162,6 +172,12 @@ def suggest_lr(
         variant, patience, rel_tol, sample_batch: As in :func:`estimate_smoothness`.
         options: How each spectral norm is computed
             (:class:`~exactlr.curvature.SpectralOptions`).
+        check_steps: If positive, run the safety check: this many Adam steps at the
+            suggested LR on a copy of ``model``, then the loss and Hessian norm at the
+            end against ``L(w0)``, ``K_hat`` and ``2/lr``
+            (:func:`exactlr.check.check_step_size`); the result's ``check`` and
+            ``warning`` carry it. Choose 10 or more (``docs/safety_check.md``). Not with
+            data-parallel products (its Adam steps would see one shard).
         process_group: Several processes, e.g. every rank of a ``torchrun`` job
             (:mod:`exactlr.curvature.distributed`); None: the default group when
             ``torch.distributed`` is initialised, else one process; False: one process.
@@ -195,9 +211,20 @@ def suggest_lr(
             f"total_steps must be a positive integer (epochs x batches per epoch), "
             f"got {total_steps=}"
         )
+    if isinstance(check_steps, bool) or not isinstance(check_steps, int) or check_steps < 0:
+        raise ValueError(
+            f"check_steps must be an integer >= 0 (Adam steps of the safety check), "
+            f"got {check_steps=}"
+        )
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL_MODES}")
     group = resolve_group(process_group)
+    if check_steps and group is not None and parallel == "data":
+        raise ValueError(
+            f"check_steps={check_steps} takes Adam steps on this process's batches, a shard "
+            "here; run the check in one process, or use parallel='samples' (all the data "
+            "on every rank)"
+        )
     params = list(model.parameters())
     objective = Objective(loss_fn, loss, batch_size)
     with all_or_none(group):  # a rank's bad batches stop every rank
@@ -233,10 +260,26 @@ def suggest_lr(
         parallel=parallel,
     )
     lr = exact_step_size(initial_loss, estimate.k_hat, total_steps)
+    check = None
+    if check_steps:
+        check = check_step_size(
+            model,
+            loss_fn,
+            data,
+            loss=loss,
+            batch_size=batch_size,
+            lr=lr,
+            k_hat=estimate.k_hat,
+            steps=check_steps,
+            initial_loss=initial_loss,
+            total_steps=total_steps,
+            generator=generator,
+        )
     return LRSuggestion(
         lr=lr,
         k_hat=estimate.k_hat,
         initial_loss=initial_loss,
         total_steps=total_steps,
         estimate=estimate,
+        check=check,
     )

@@ -99,6 +99,12 @@ def resolve_group(
     return process_group if dist.get_world_size(process_group) > 1 else None
 
 
+def is_rank_zero(process_group: dist.ProcessGroup | bool | None = None) -> bool:
+    """Whether this process is rank 0 of the group (True for a single process)."""
+    group = resolve_group(process_group)
+    return group is None or dist.get_rank(group) == 0
+
+
 def passed_on(group: dist.ProcessGroup | None) -> dist.ProcessGroup | bool:
     """``group`` as a ``process_group`` argument (None, single process, becomes False)."""
     return False if group is None else group
