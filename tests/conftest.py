@@ -31,3 +31,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_data(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No data folder given and none found ($EXACTLR_DATA unset, no ./data): smoke-scale
+    figures run on the synthetic set (with ``data_dir=None``)."""
+    monkeypatch.delenv("EXACTLR_DATA", raising=False)
+    monkeypatch.chdir(tmp_path_factory.mktemp("no_data"))

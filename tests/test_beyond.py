@@ -34,7 +34,7 @@ from exactlr.paper.training import (
     train_run,
 )
 
-NO_DATA = "/nonexistent-exactlr-data"
+NO_DATA = None  # with the no_data fixture: the synthetic set
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +323,9 @@ def test_cli_rejects_bad_methods(capsys) -> None:
 
 @pytest.fixture(scope="module")
 def beyond_run(tmp_path_factory) -> Path:
+    mp = pytest.MonkeyPatch()
+    mp.delenv("EXACTLR_DATA", raising=False)
+    mp.chdir(tmp_path_factory.mktemp("no_data"))
     for package in ("prodigyopt", "dadaptation", "schedulefree"):
         pytest.importorskip(package)
     out = tmp_path_factory.mktemp("beyond")
@@ -335,10 +338,11 @@ def beyond_run(tmp_path_factory) -> Path:
         progress=False,
         methods=("parameter-free", "lr-finder", "tuned"),
     )
+    mp.undo()
     return out
 
 
-def test_every_new_method_runs_at_smoke_scale(beyond_run: Path) -> None:
+def test_every_new_method_runs_at_smoke_scale(beyond_run: Path, no_data: None) -> None:
     plans = resolve_figure(
         "fig1", "smoke", data_dir=NO_DATA, methods=("paper", "parameter-free", "lr-finder", "tuned")
     )

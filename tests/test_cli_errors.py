@@ -84,8 +84,12 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An out dir with fig1 run at smoke scale (synthetic data, 2 epochs)."""
     out = tmp_path_factory.mktemp("finished")
     threads = torch.get_num_threads()
+    mp = pytest.MonkeyPatch()
+    mp.delenv("EXACTLR_DATA", raising=False)
+    mp.chdir(out)
     assert main(["run", "fig1", "--scale", "smoke", "--out", str(out), "--epochs", "2",
-                 "--data-dir", str(out / "nodata"), "--quiet"]) == 0  # fmt: skip
+                 "--quiet"]) == 0  # fmt: skip
+    mp.undo()
     torch.set_num_threads(threads)
     return out
 
@@ -112,7 +116,7 @@ CLI_CASES: list[tuple[str, str]] = [
     ("lr --dataset mnist --data-dir {truncated} --quiet", "corrupted or truncated"),
     ("lr --dataset mnist --data-dir {corrupted} --quiet", "corrupted or truncated"),
     ("lr --dataset mnist --data-dir {incomplete} --quiet", "MNIST not found"),
-    ("lr --dataset mnist --data-dir {missing} --quiet", "MNIST not found"),
+    ("lr --dataset mnist --data-dir {missing} --quiet", "does not exist"),
     ("lr --dataset mnist --subset full --data-dir {badlabels} --quiet", "label 12 at index 3"),
     # run
     ("run fig99 --scale smoke", "unknown figure 'fig99'; valid figures: fig1"),
@@ -122,7 +126,7 @@ CLI_CASES: list[tuple[str, str]] = [
     ("run fig1 --scale smoke --out {file}", "is an existing file"),
     ("run fig1 --scale smoke --out {file}/sub", "which is a file"),
     ("run fig1 --scale smoke --data-dir {truncated} --out {empty}/o1 --quiet", "truncated"),
-    ("run fig1 --scale cpu --data-dir {missing} --out {empty}/o2 --quiet", "MNIST not found"),
+    ("run fig1 --scale cpu --data-dir {missing} --out {empty}/o2 --quiet", "does not exist"),
     ("run fig1 --scale smoke --data-dir {badlabels} --out {empty}/o3 --quiet", "label 12"),
     ("run", "the following arguments are required: figure"),
     # plot / report

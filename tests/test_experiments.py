@@ -111,8 +111,12 @@ def test_unknown_names_raise() -> None:
         resolve_figure("fig1", "huge")
 
 
-def test_smoke_falls_back_to_synthetic_without_data(tmp_path: Path) -> None:
-    plans = resolve_figure("fig3", "smoke", data_dir=tmp_path)
+def test_smoke_falls_back_to_synthetic_without_data(tmp_path: Path, no_data: None) -> None:
+    plans = resolve_figure("fig3", "smoke")
+    assert all(p.synthetic_fallback for p in plans)
+    # A data folder asked for but without the data is an error, never a silent fallback.
+    with pytest.raises(FileNotFoundError, match="holds no mnist files"):
+        resolve_figure("fig3", "smoke", data_dir=tmp_path)
     assert {p.config.dataset for p in plans} == {"synthetic"}
 
 
@@ -168,7 +172,7 @@ def test_smoke_figure_slow(name: str, smoke_out: Path, shared_data: Path) -> Non
     _check_figure_outputs(name, smoke_out, paths)
 
 
-def test_resume_trains_nothing_the_second_time(tmp_path: Path) -> None:
+def test_resume_trains_nothing_the_second_time(tmp_path: Path, no_data: None) -> None:
     calls: list[str] = []
 
     def counting(plan, **kwargs):  # type: ignore[no-untyped-def]
@@ -176,7 +180,7 @@ def test_resume_trains_nothing_the_second_time(tmp_path: Path) -> None:
         return execute_run(plan, **kwargs)
 
     # No data folder: the smoke scale runs on the synthetic set.
-    kwargs = dict(scale="smoke", out_dir=tmp_path, data_dir=tmp_path, progress=False)
+    kwargs = dict(scale="smoke", out_dir=tmp_path, progress=False)
     paths = run_figure("fig2", runner=counting, **kwargs)
     assert len(calls) == len(paths) == 8
     mtimes = [p.stat().st_mtime_ns for p in paths]
@@ -246,10 +250,10 @@ def test_run_name_holds_betas_and_t_is_computed_once() -> None:
     assert capped.total_steps(200) == 6  # the first 128 samples: 2 batches per epoch
 
 
-def test_lr_keys_are_typed_and_name_their_files() -> None:
+def test_lr_keys_are_typed_and_name_their_files(no_data: None) -> None:
     from exactlr.paper.lrcache import LRKey
 
-    plan = next(p for p in resolve_figure("fig1", "smoke", data_dir="/none") if p.role == "ours")
+    plan = next(p for p in resolve_figure("fig1", "smoke") if p.role == "ours")
     key = plan.lr_key
     assert isinstance(key, LRKey) and key == LRKey.of(plan.config, 2)
     assert key.to_filename() == "synthetic-full-n256__fc3x32__paper__bfull__e3__seed0__k2"
@@ -260,12 +264,12 @@ def test_lr_keys_are_typed_and_name_their_files() -> None:
     assert plan.scale is experiments.Scale.SMOKE and f"{plan.scale}" == "smoke"
 
 
-def test_results_record_t_and_run_figure_restores_threads(tmp_path: Path) -> None:
+def test_results_record_t_and_run_figure_restores_threads(tmp_path: Path, no_data: None) -> None:
     import torch
 
     before = torch.get_num_threads()
     paths = run_figure(
-        "fig1", scale="smoke", out_dir=tmp_path, data_dir=tmp_path, progress=False,
+        "fig1", scale="smoke", out_dir=tmp_path, progress=False,
         num_threads=before + 1,
     )  # fmt: skip
     assert torch.get_num_threads() == before

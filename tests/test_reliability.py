@@ -214,7 +214,7 @@ def test_sigkill_mid_run_then_resume_gives_the_same_metrics(tmp_path: Path) -> N
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_execute_run_checkpoints_and_removes_them(tmp_path: Path) -> None:
+def test_execute_run_checkpoints_and_removes_them(tmp_path: Path, no_data: None) -> None:
     written: list[int] = []
     real = experiments.execute_run
 
@@ -226,7 +226,6 @@ def test_execute_run_checkpoints_and_removes_them(tmp_path: Path) -> None:
         "fig1",
         scale="smoke",
         out_dir=tmp_path,
-        data_dir=tmp_path,
         progress=False,
         checkpoint_every=1,
         runner=spy,
@@ -239,11 +238,9 @@ def test_execute_run_checkpoints_and_removes_them(tmp_path: Path) -> None:
 
 
 def test_run_figure_resumes_from_a_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_data: None
 ) -> None:
-    kwargs: dict[str, Any] = dict(
-        scale="smoke", out_dir=tmp_path / "a", data_dir=tmp_path, progress=False, epochs=6
-    )
+    kwargs: dict[str, Any] = dict(scale="smoke", out_dir=tmp_path / "a", progress=False, epochs=6)
     run_figure("fig1", **kwargs, checkpoint_every=0)
     plain = {r["name"]: r for r in load_results(tmp_path / "a")}
     # The second run is "killed" after epoch 5 (checkpoints at 2 and 4), then rerun.
@@ -290,13 +287,14 @@ def test_sigint_keeps_finished_runs_and_rerun_resumes(tmp_path: Path) -> None:
         "smoke",
         "--out",
         str(out),
-        "--data-dir",
-        str(tmp_path),
         "--quiet",
         "--epochs",
         "150",
     ]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env.pop("EXACTLR_DATA", None)  # no data folder: the synthetic set
+    proc = subprocess.Popen(
+        argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     runs = out / "runs"
     deadline = time.monotonic() + 180
     while not (runs.is_dir() and any(runs.glob("*.json"))):
@@ -325,7 +323,7 @@ def test_sigint_keeps_finished_runs_and_rerun_resumes(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------- determinism
 
 
-def test_same_command_same_seed_identical_metrics(tmp_path: Path) -> None:
+def test_same_command_same_seed_identical_metrics(tmp_path: Path, no_data: None) -> None:
     for name in ("a", "b"):
         argv = [
             "run",
@@ -334,8 +332,6 @@ def test_same_command_same_seed_identical_metrics(tmp_path: Path) -> None:
             "smoke",
             "--out",
             str(tmp_path / name),
-            "--data-dir",
-            str(tmp_path / "nodata"),
             "--quiet",
             "--seed",
             "3",
@@ -369,7 +365,9 @@ def test_lr_too_large_for_float32_is_divergence_not_a_crash(data: Any) -> None:
     assert result.metrics[0].is_finite() and not result.metrics[1].is_finite()
 
 
-def test_diverging_method_in_a_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_diverging_method_in_a_grid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_data: None
+) -> None:
     real = planning._method_by_name
 
     def huge(group: str, name: str, ours_lr: float, finder_lr: float | None = None) -> MethodSpec:
@@ -379,9 +377,7 @@ def test_diverging_method_in_a_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return method
 
     monkeypatch.setattr(planning, "_method_by_name", huge)
-    paths = run_figure(
-        "fig2", scale="smoke", out_dir=tmp_path, data_dir=tmp_path, progress=False, epochs=4
-    )
+    paths = run_figure("fig2", scale="smoke", out_dir=tmp_path, progress=False, epochs=4)
     assert len(paths) == 8 and all(p.is_file() for p in paths)
     results = {r["extra"]["method"]: r for r in load_results(tmp_path)}
     bad = results["const_1e-01"]

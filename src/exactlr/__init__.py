@@ -28,20 +28,61 @@ Module map (data flows one way; nothing upstream imports anything downstream):
 
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from exactlr._version import __version__
-from exactlr.allocator import keep_freed_memory
-from exactlr.check import CheckReport, check_step_size
-from exactlr.curvature import (
-    EigenResult,
-    HessianOperator,
-    SpectralNormResult,
-    full_loss,
-    hessian_spectral_norm,
-    lanczos,
-    power_iteration,
-)
-from exactlr.smoothness import SampleRecord, SmoothnessEstimate, estimate_smoothness
-from exactlr.stepsize import LRSuggestion, exact_step_size, suggest_lr
+
+# The names below are imported on first use (PEP 562), so that `import exactlr` (and the
+# `exactlr` command's start, which handles Ctrl-C from its first line) does not wait for
+# torch.
+_EXPORTS = {
+    "keep_freed_memory": "exactlr.allocator",
+    "CheckReport": "exactlr.check",
+    "check_step_size": "exactlr.check",
+    "EigenResult": "exactlr.curvature",
+    "HessianOperator": "exactlr.curvature",
+    "SpectralNormResult": "exactlr.curvature",
+    "full_loss": "exactlr.curvature",
+    "hessian_spectral_norm": "exactlr.curvature",
+    "lanczos": "exactlr.curvature",
+    "power_iteration": "exactlr.curvature",
+    "SampleRecord": "exactlr.smoothness",
+    "SmoothnessEstimate": "exactlr.smoothness",
+    "estimate_smoothness": "exactlr.smoothness",
+    "LRSuggestion": "exactlr.stepsize",
+    "exact_step_size": "exactlr.stepsize",
+    "suggest_lr": "exactlr.stepsize",
+}
+
+if TYPE_CHECKING:
+    from exactlr.allocator import keep_freed_memory
+    from exactlr.check import CheckReport, check_step_size
+    from exactlr.curvature import (
+        EigenResult,
+        HessianOperator,
+        SpectralNormResult,
+        full_loss,
+        hessian_spectral_norm,
+        lanczos,
+        power_iteration,
+    )
+    from exactlr.smoothness import SampleRecord, SmoothnessEstimate, estimate_smoothness
+    from exactlr.stepsize import LRSuggestion, exact_step_size, suggest_lr
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'exactlr' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __all__ = [
     "CheckReport",

@@ -10,26 +10,46 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
+import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
 from exactlr import lr_command
 from exactlr._version import __version__
 from exactlr.allocator import keep_freed_memory
+from exactlr.cliargs import (  # noqa: F401 - argument types, re-exported
+    EXIT_USAGE,
+    MAX_EPOCHS,
+    MAX_SEED,
+    UsageError,
+    _Parser,
+    add_common_data_args,
+    batch_size_arg,
+    epochs_arg,
+    methods_arg,
+    model_arg,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    resolve_device,
+    seed_arg,
+    share_arg,
+    tol_arg,
+)
 from exactlr.curvature.distributed import rank_device, torchrun_session
 from exactlr.paper import ray_executor
 from exactlr.paper.figures import get_figure, list_figures
-from exactlr.paper.planning import parse_methods
 from exactlr.paper.report import figure_report, format_markdown
 from exactlr.paper.runner import run_figure
 from exactlr.paper.scales import Scale, parse_scale
+from exactlr.paper.stopping import Interrupted, handle_signals
 from exactlr.paper.store import (
     check_out_dir,
     manifest_path,
@@ -38,123 +58,18 @@ from exactlr.paper.store import (
     write_text_atomic,
 )
 
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A problem with the user's input, reported as one line with exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """An `ArgumentParser` whose errors are one line (no usage block), exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        """Prints `exactlr <command>: error: <message>` and where to get help; exits 2."""
-        text = " ".join(message.split())
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {text} (see `{self.prog} --help`)\n")
-
-
-# --------------------------------------------------------------------------------------
-# Shared argument helpers
-# --------------------------------------------------------------------------------------
-
-
-def _int_at_least(text: str, low: int, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1, "a positive integer")
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0, "an integer >= 0")
-
-
-def methods_arg(text: str) -> tuple[str, ...]:
-    """argparse type: comma-separated method sets (``paper,parameter-free,...``)."""
-    try:
-        return parse_methods(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--methods {text!r}: {err}") from None
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def share_arg(text: str) -> float:
-    """argparse type: a share of the data, a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a share strictly between 0 and 1, got {text!r}")
-    return value
-
-
-def batch_size_arg(text: str) -> int | None:
-    """argparse type: ``full`` (one batch: None) or a positive integer."""
-    if text.lower() == "full":
-        return None
-    try:
-        return positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"batch size must be 'full' or a positive integer, got {text!r}"
-        ) from None
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; validates explicit names."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(
-            f"--device {name!r} is not a torch device; use cpu, cuda or auto"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} was asked for but no CUDA GPU is available; use cpu")
-    return device
-
-
-def add_common_data_args(parser: argparse.ArgumentParser) -> None:
-    """``--data-dir``, ``--device``, ``--seed``, ``--quiet``."""
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder holding MNIST/raw/ or cifar-10-batches-py/ (default: $EXACTLR_DATA, "
-        "./data, ~/.cache/exactlr/data)",
-    )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data, weights, solvers")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
 # --------------------------------------------------------------------------------------
 # exactlr lr
 # --------------------------------------------------------------------------------------
 
 
 def _cmd_lr(args: argparse.Namespace) -> int:
+    if ":" not in args.model:
+        try:
+            model_arg(args.model)
+        except argparse.ArgumentTypeError as err:
+            raise UsageError(f"--model: {err}") from None
+    args.data_dir = _data_dir(args.data_dir)
     return lr_command.run(args, rank_device(resolve_device(args.device)))
 
 
@@ -194,14 +109,37 @@ def _check_figure(name: str, scale: str | None = None) -> None:
         raise UsageError(str(err)) from None
 
 
-def _ray_runner(address: str | None) -> Any:
-    """The Ray executor's runner, or a one-line `UsageError` if Ray is missing."""
+def _ray_runner(args: argparse.Namespace) -> Any:
+    """The Ray executor's runner, or a one-line `UsageError` (Ray missing, checkpoints
+    asked for, an unreachable cluster)."""
+    if args.executor != "ray":
+        for flag, value in (("--address", args.address), ("--ray-timeout", args.ray_timeout)):
+            if value is not None:
+                raise UsageError(f"{flag} is only used with --executor ray")
+        return None
+    if args.checkpoint_every:
+        raise UsageError(
+            f"--checkpoint-every {args.checkpoint_every} needs --executor local: Ray runs "
+            "train in temporary folders on the workers, so no checkpoint outlives them"
+        )
     if not ray_executor.ray_available():
         raise UsageError(
             "--executor ray needs Ray, which is not installed: pip install 'ray>=2.9' "
             "(or exactlr[ray]); or use --executor local"
         )
-    return ray_executor.ray_runner(address)
+    timeout = args.ray_timeout if args.ray_timeout is not None else 30.0
+    try:
+        return ray_executor.ray_runner(args.address, connect_timeout=timeout)
+    except ConnectionError as err:
+        raise UsageError(f"--address: {err} (--ray-timeout sets the wait)") from None
+
+
+def _data_dir(text: str | None) -> str | None:
+    """``--data-dir``: when given, an existing folder (never silently replaced)."""
+    if text is not None and not Path(text).expanduser().is_dir():
+        what = "is a file" if Path(text).expanduser().exists() else "does not exist"
+        raise UsageError(f"--data-dir {text} {what}; give a folder holding MNIST/ or cifar-10")
+    return text
 
 
 def _num_threads(args: argparse.Namespace, scale: Scale, device: torch.device) -> int | None:
@@ -213,11 +151,10 @@ def _num_threads(args: argparse.Namespace, scale: Scale, device: torch.device) -
 
 def _cmd_run(args: argparse.Namespace) -> int:
     _check_figure(args.figure, args.scale)
+    data_dir = _data_dir(args.data_dir)
     out = _out_dir(args.out, create=True)
     device = resolve_device(args.device)
-    if args.address is not None and args.executor != "ray":
-        raise UsageError("--address is only used with --executor ray")
-    runner = _ray_runner(args.address) if args.executor == "ray" else None
+    runner = _ray_runner(args)
     start = time.perf_counter()
     try:
         paths = run_figure(
@@ -226,7 +163,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             out_dir=out,
             device=device,
             seed=args.seed,
-            data_dir=args.data_dir,
+            data_dir=data_dir,
             progress=not args.quiet,
             epochs=args.epochs,
             checkpoint_every=args.checkpoint_every,
@@ -234,9 +171,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             methods=args.methods,
             curvature_every=args.curvature_every,
             num_threads=_num_threads(args, Scale(args.scale), device),
-        )
-        if runner is not None:  # run_figure only submitted the runs; collect them here
-            runner.wait()
+        )  # with Ray, run_figure also waits for the runs
     finally:
         if runner is not None:
             runner.close()
@@ -351,12 +286,12 @@ def _add_lr_command(sub: Any) -> None:
     lr.add_argument(
         "--init", default=None, choices=["paper", "pytorch"], help="built-in models; default: paper"
     )
-    lr.add_argument("--epochs", type=positive_int, default=100)
+    lr.add_argument("--epochs", type=epochs_arg, default=100)
     lr.add_argument("--batch-size", type=batch_size_arg, default=None, metavar="full|N")
     lr.add_argument("--samples", type=positive_int, default=10, help="weight samples N")
     lr.add_argument("--variant", default="full", choices=["full", "minibatch"])
     lr.add_argument("--method", default="lanczos", choices=["lanczos", "power"])
-    lr.add_argument("--tol", type=float, default=1e-4)
+    lr.add_argument("--tol", type=tol_arg, default=1e-4, help="relative tolerance in (0, 1)")
     lr.add_argument(
         "--subsample",
         type=share_arg,
@@ -421,7 +356,7 @@ def _add_run_command(sub: Any) -> None:
     run.add_argument("figure", help="fig1 .. fig16, init or demo (see `exactlr list`)")
     run.add_argument("--scale", default="cpu", help=scales)
     run.add_argument("--out", default="results", help="results folder (default: results)")
-    run.add_argument("--epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--epochs", type=epochs_arg, default=None, help=argparse.SUPPRESS)
     run.add_argument(
         "--checkpoint-every",
         type=non_negative_int,
@@ -461,6 +396,13 @@ def _add_run_command(sub: Any) -> None:
         help="with --executor ray: Ray cluster address HOST:PORT or 'auto' "
         "(default: start a local Ray on this machine)",
     )
+    run.add_argument(
+        "--ray-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --address HOST:PORT: seconds to wait for the cluster to answer (default 30)",
+    )
     add_common_data_args(run)
     _add_threads_arg(run, "default: 1 at smoke scale on a CPU, else torch's default")
     run.set_defaults(func=_cmd_run)
@@ -490,9 +432,9 @@ def _add_other_commands(sub: Any) -> None:
     )
     demo.add_argument("--out", default="results/demo", help="results folder")
     demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=seed_arg, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.add_argument("--epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
+    demo.add_argument("--epochs", type=epochs_arg, default=None, help=argparse.SUPPRESS)
     _add_threads_arg(demo, "default: 1 on a CPU")
     demo.set_defaults(func=_cmd_demo)
 
@@ -513,29 +455,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``exactlr`` command; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+@contextlib.contextmanager
+def _messages() -> Iterator[None]:
+    """Prints the library's log lines (``exactlr`` logger, INFO and up) on stdout."""
+    logger = logging.getLogger("exactlr")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("exactlr: %(message)s"))
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     try:
-        with keep_freed_memory(), torchrun_session(enabled=args.func is _cmd_lr):
-            return int(args.func(args) or 0)
-    except (
-        UsageError,
-        ValueError,
-        FileNotFoundError,
-        FileExistsError,
-        NotADirectoryError,
-        IsADirectoryError,
-        PermissionError,
-    ) as e:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
+def _error(message: str) -> int:
+    """Prints one line on stderr; returns the usage exit status."""
+    print(f"exactlr: error: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``exactlr`` command; returns the exit status.
+
+    Every error the user can act on is one line on stderr with exit status 2. SIGINT and
+    SIGTERM stop the command (a run with checkpoints first finishes its epoch and writes
+    a checkpoint; a second signal stops at once) with status 130 / 143; finished result
+    files are kept and a rerun resumes.
+    """
+    try:
+        with handle_signals():
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            lr = args.func is _cmd_lr
+            with keep_freed_memory(), _messages(), torchrun_session(enabled=lr):
+                return int(args.func(args) or 0)
+    except (UsageError, ValueError, OverflowError) as e:
         # One line: multi-line messages (e.g. the list of searched paths) are joined.
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"exactlr: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("exactlr: interrupted; finished results are kept, rerun to resume", file=sys.stderr)
-        return 130
+        return _error(str(e) or type(e).__name__)
+    except OSError as e:  # missing files, a full disk, a file size limit, no connection
+        return _error(str(e) or type(e).__name__)
+    except MemoryError:
+        return _error("not enough memory for this model or data; choose a smaller one")
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
+        print(
+            f"exactlr: interrupted ({name}); finished results and checkpoints are kept, "
+            "rerun to resume",
+            file=sys.stderr,
+        )
+        return 128 + signum
 
 
 def _entry() -> None:  # pragma: no cover

@@ -193,6 +193,8 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
         raise ValueError(f"{path} is not a CIFAR-10 batch (no 'data'/'labels'): {advice}")
     data, labels = batch["data"], np.asarray(batch["labels"])
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: labels must be integers, got {labels.dtype}: {advice}")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
         raise ValueError(f"{path}: 'data' must be a uint8 N x 3072 array: {advice}")
     if data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):

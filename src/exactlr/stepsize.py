@@ -67,7 +67,8 @@ def exact_step_size(
 
     Raises:
         ValueError: If a value is not finite, ``smoothness <= 0``, ``total_steps`` is not a
-            positive integer, ``delta_sq <= 0`` or ``initial_loss <= min_loss``.
+            positive integer, ``delta_sq <= 0``, ``initial_loss <= min_loss``, or the
+            result is not a finite positive float (values out of floating-point range).
 
     Example:
         >>> round(exact_step_size(2.3, 10.0, 100), 6)  # sqrt(2 * 2.3 / (10 * 100))
@@ -94,7 +95,18 @@ def exact_step_size(
             f"initial_loss={initial_loss} must exceed min_loss={min_loss}; the model is "
             "already at (or below) the minimum loss"
         )
-    return math.sqrt(2.0 * (initial_loss - min_loss) / (smoothness * delta_sq * total_steps))
+    try:
+        alpha = math.sqrt(2.0 * (initial_loss - min_loss) / (smoothness * delta_sq * total_steps))
+    except OverflowError:  # T too large to be a float
+        alpha = 0.0
+    if not (math.isfinite(alpha) and alpha > 0):
+        steps = total_steps if total_steps < 10**15 else f"~1e{len(str(total_steps)) - 1}"
+        raise ValueError(
+            f"the step size for initial_loss={initial_loss}, smoothness={smoothness}, "
+            f"total_steps={steps} is {alpha}, not a finite positive number; the values "
+            "are out of floating-point range"
+        )
+    return alpha
 
 
 @dataclass(frozen=True)

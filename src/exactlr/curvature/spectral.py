@@ -12,7 +12,6 @@ typed value, so that callers further up pass them on without keyword chains.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -122,8 +121,8 @@ class SpectralOptions:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}")
         tol, max_iters, subsample = self.tol, self.max_iters, self.subsample
-        if not (isinstance(tol, int | float) and tol > 0 and math.isfinite(tol)):
-            raise ValueError(f"tol must be a positive finite number, got {tol=}")
+        if isinstance(tol, bool) or not (isinstance(tol, int | float) and 0 < tol < 1):
+            raise ValueError(f"tol is a relative accuracy strictly between 0 and 1, got {tol=}")
         if not isinstance(max_iters, int) or max_iters < 1:
             raise ValueError(f"max_iters must be a positive integer, got {max_iters=}")
         if subsample is not None and not (

@@ -13,7 +13,7 @@ The parts live in modules with one concern each; this module gathers their publi
   :func:`checkpoint_path`) and atomic writes.
 
 Example:
-    >>> plans = resolve_figure("fig1", "smoke", data_dir="/nonexistent")
+    >>> plans = resolve_figure("fig1", "cpu")
     >>> sorted({p.role for p in plans})
     ['ours', 'scheduler']
 """

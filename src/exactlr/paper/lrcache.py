@@ -8,13 +8,19 @@ depend on T or the K_hat samples and is kept in ``out_dir/lr_finder/<key>.json``
 
 Keys are typed: an :class:`LRKey` renders its file name with :meth:`LRKey.to_filename`
 and is stored in the entry as ``setting`` (its fields), so entries are matched by value,
-never by parsing file names.
+never by parsing file names. Every entry records its provenance (the data's identity,
+w0's hash, the code version). An entry is used only when it is valid for the plan: its
+key, setting and provenance match, and its ``lr`` is the formula's for its own K_hat,
+L(w0) and T; any other file (truncated, edited, made from other data) is named in one
+log line, moved to ``out_dir/aside/`` and recomputed. Stray files are ignored.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +31,21 @@ import torch.nn.functional as F
 
 from exactlr.data import ArrayDataset, make_batches
 from exactlr.paper.lrfinder import lr_range_test
+from exactlr.paper.provenance import provenance_mismatch
 from exactlr.paper.runconfig import TrainConfig
 from exactlr.paper.scales import Scale
-from exactlr.paper.store import finder_cache_path, lr_cache_path, read_json, write_json_atomic
+from exactlr.paper.store import (
+    finder_cache_path,
+    lr_cache_path,
+    read_json,
+    set_aside,
+    write_json_atomic,
+)
 from exactlr.stepsize import exact_step_size, suggest_lr
 
 __all__ = ["LRKey", "finder_entry", "ours_entry"]
+
+log = logging.getLogger("exactlr")
 
 
 @dataclass(frozen=True)
@@ -94,17 +109,97 @@ class LRKey:
         return dataclasses.asdict(self)
 
 
-def _shared_estimate(out_dir: Path, key: LRKey) -> dict[str, Any] | None:
-    """An entry of another horizon with the same K_hat setting, if one exists."""
+def _finite_positive(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _entry_problem(
+    entry: Any, key: LRKey, provenance: dict[str, Any], total_steps: int | None
+) -> str | None:
+    """Why a cache entry cannot be used for ``key`` (None if it can).
+
+    It must name this key, hold this key's setting and this plan's provenance (data,
+    w0), and numbers that agree: ``lr`` a finite positive number and, for alpha_ours,
+    ``lr = exact_step_size(initial_loss, k_hat, total_steps)`` with the planned T.
+    """
+    if not isinstance(entry, dict):
+        return "is not a JSON object"
+    if entry.get("key") != key.to_filename() or entry.get("setting") != key.to_dict():
+        return "belongs to another setting"
+    mismatch = provenance_mismatch(entry.get("provenance"), provenance)
+    if mismatch is not None:
+        return mismatch
+    if not _finite_positive(entry.get("lr")):
+        return f"has lr={entry.get('lr')!r}, not a finite positive number"
+    if total_steps is None:
+        return None
+    if entry.get("total_steps") != total_steps:
+        return f"has total_steps={entry.get('total_steps')!r}, the plan has {total_steps}"
+    return _formula_problem(entry, total_steps)
+
+
+def _formula_problem(entry: dict[str, Any], total_steps: int) -> str | None:
+    """Whether the entry's lr is the formula's for its own K_hat, L(w0) and T."""
+    k_hat, initial_loss = entry.get("k_hat"), entry.get("initial_loss")
+    if not (_finite_positive(k_hat) and _finite_positive(initial_loss)):
+        return f"has k_hat={k_hat!r}, initial_loss={initial_loss!r}"
+    expected = exact_step_size(initial_loss, k_hat, total_steps)
+    if not math.isclose(entry["lr"], expected, rel_tol=1e-9):
+        return f"has lr={entry['lr']!r} but its K_hat, L(w0) and T give {expected!r}"
+    return None
+
+
+def _cached(
+    path: Path, out_dir: Path, key: LRKey, provenance: dict[str, Any], total_steps: int | None
+) -> dict[str, Any] | None:
+    """The valid entry at ``path``, or None: a missing file, or an invalid one, which is
+    named in one log line and set aside (``out_dir/aside``) to be recomputed."""
+    if not path.is_file():
+        return None
+    try:
+        entry = read_json(path, what="LR cache entry")
+    except ValueError as err:
+        problem = f"is unreadable ({err})"
+    else:
+        problem = _entry_problem(entry, key, provenance, total_steps)
+        if problem is None:
+            return entry
+    aside = set_aside(out_dir, path)
+    log.warning(
+        "LR cache entry %s %s; recomputing it (the old file is now %s)", path, problem, aside
+    )
+    return None
+
+
+def _shared_estimate(
+    out_dir: Path, key: LRKey, provenance: dict[str, Any]
+) -> dict[str, Any] | None:
+    """A valid entry of another horizon with the same K_hat setting and provenance.
+
+    Unreadable files, files of other settings and stray files are skipped.
+    """
     folder = lr_cache_path(out_dir, "x").parent
-    wanted = key.smoothness_key().to_dict()
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
             entry = read_json(path, what="LR cache entry")
         except ValueError:
             continue
         setting = entry.get("setting") if isinstance(entry, dict) else None
-        if isinstance(setting, dict) and {**setting, "epochs": None} == wanted:
+        if not isinstance(setting, dict) or not isinstance(setting.get("epochs"), int):
+            continue
+        try:
+            other = LRKey(**setting)
+        except TypeError:
+            continue
+        if other.smoothness_key() != key.smoothness_key():
+            continue
+        steps = entry.get("total_steps")
+        if isinstance(steps, int) and _entry_problem(entry, other, provenance, steps) is None:
             return entry
     return None
 
@@ -119,8 +214,12 @@ def ours_entry(
     scale: Scale,
     device: torch.device,
     progress: bool,
+    provenance: dict[str, Any],
 ) -> dict[str, Any]:
     """alpha_ours for ``key``'s setting, from the cache file or computed and cached.
+
+    A cache file is used only if it is valid for this plan (see :func:`_entry_problem`);
+    otherwise it is named in a log line, set aside and recomputed.
 
     Args:
         key: The setting (:meth:`LRKey.of` of the run's config).
@@ -131,16 +230,17 @@ def ours_entry(
         scale: The figure's scale (K_hat's solver options).
         device: Where K_hat is estimated.
         progress: Show a bar over the K_hat samples.
+        provenance: What the entry must come from (data identity, w0, code).
 
     Returns:
         The entry: ``lr``, ``k_hat``, ``initial_loss``, ``total_steps`` (T), ...
     """
     path = lr_cache_path(out_dir, key.to_filename())
-    if path.is_file():
-        return read_json(path, what="LR cache entry")
-    batches = make_batches(train.to(device), cfg.batch_size)
     total_steps = cfg.total_steps(len(train))
-    shared = _shared_estimate(out_dir, key)
+    entry = _cached(path, out_dir, key, provenance, total_steps)
+    if entry is not None:
+        return entry
+    shared = _shared_estimate(out_dir, key, provenance)
     if shared is not None:
         entry = dict(shared)
         entry.update(
@@ -151,8 +251,26 @@ def ours_entry(
             epochs=cfg.epochs,
             reused_from=shared["key"],
         )
-        write_json_atomic(path, entry)
-        return entry
+    else:
+        entry = _estimate(key, cfg, model, train, scale=scale, device=device, progress=progress)
+        entry["provenance"] = provenance
+    write_json_atomic(path, entry)
+    return entry
+
+
+def _estimate(
+    key: LRKey,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    train: ArrayDataset,
+    *,
+    scale: Scale,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Any]:
+    """Computes alpha_ours with :func:`exactlr.stepsize.suggest_lr` (K_hat and L(w0))."""
+    batches = make_batches(train.to(device), cfg.batch_size)
+    total_steps = cfg.total_steps(len(train))
     start = time.perf_counter()
     suggestion = suggest_lr(
         copy.deepcopy(model).to(device),
@@ -165,7 +283,7 @@ def ours_entry(
         options=scale.spectral_options,
     )
     est = suggestion.estimate
-    entry = {
+    return {
         "key": key.to_filename(),
         "lr": suggestion.lr,
         "k_hat": suggestion.k_hat,
@@ -183,8 +301,6 @@ def ours_entry(
         "device": str(device),
         "setting": key.to_dict(),
     }
-    write_json_atomic(path, entry)
-    return entry
 
 
 def finder_entry(
@@ -195,13 +311,15 @@ def finder_entry(
     out_dir: Path,
     *,
     device: torch.device,
+    provenance: dict[str, Any],
 ) -> dict[str, Any]:
     """The LR range test's suggestion for ``key``'s setting (:meth:`LRKey.finder_key`),
-    from ``out_dir/lr_finder/<key>.json`` or computed and cached there."""
+    from a valid ``out_dir/lr_finder/<key>.json`` or computed and cached there."""
     key = key.finder_key()
     path = finder_cache_path(out_dir, key.to_filename())
-    if path.is_file():
-        return read_json(path, what="LR finder cache entry")
+    entry = _cached(path, out_dir, key, provenance, None)
+    if entry is not None:
+        return entry
     result = lr_range_test(
         model,
         train,
@@ -224,6 +342,7 @@ def finder_entry(
         "num_train": len(train),
         "device": str(device),
         "setting": key.to_dict(),
+        "provenance": provenance,
     }
     write_json_atomic(path, entry)
     return entry

@@ -10,7 +10,7 @@ paper's sizes), the method set :data:`FIGURE_METHODS` (``--methods paper``: the 
 own comparison) and the init preset ``init="paper"`` of :mod:`exactlr.models`.
 
 Example:
-    >>> plans = resolve_figure("fig1", "smoke", data_dir="/nonexistent")
+    >>> plans = resolve_figure("fig1", "cpu")
     >>> sorted({p.role for p in plans})
     ['ours', 'scheduler']
 """
@@ -50,6 +50,12 @@ METHOD_SETS: dict[str, str | None] = {
 }
 
 
+_LAYOUTS = {
+    "mnist": "MNIST/raw/train-images-idx3-ubyte[.gz]",
+    "cifar10": "cifar-10-batches-py/data_batch_1",
+}
+
+
 def _data_available(dataset: str, data_dir: str | os.PathLike[str] | None) -> bool:
     """Whether the files of ``dataset`` are in a data folder (the synthetic set always)."""
     if dataset == "synthetic":
@@ -84,6 +90,7 @@ class _Setting:
     init: str
     seed_offset: int
     num_samples: int
+    synthetic_fallback: bool
 
 
 def _scaled(
@@ -102,6 +109,7 @@ def _scaled(
     epochs = get("epochs", spec.epochs)
     num_train = spec.num_train
     num_samples = spec.num_samples
+    fallback = False
     if not spec.fixed_scale and scale is Scale.CPU:
         num_samples = 5
         if model == "fc5x3000":
@@ -128,8 +136,13 @@ def _scaled(
         num_train = 200 if dataset == "cifar10" else 256
         if _data_available(dataset, data_dir):
             subset = "mini"
+        elif data_dir is not None:
+            raise FileNotFoundError(
+                f"data folder {data_dir} holds no {dataset} files ({_LAYOUTS[dataset]}); "
+                "fix the folder, or give none to run the smoke scale on the synthetic set"
+            )
         else:
-            dataset, subset = "synthetic", "full"
+            dataset, subset, fallback = "synthetic", "full", True
     if epochs_override is not None:
         epochs = epochs_override
     return _Setting(
@@ -143,6 +156,7 @@ def _scaled(
         init=get("init", spec.init),
         seed_offset=int(get("seed_offset", 0)),
         num_samples=num_samples,
+        synthetic_fallback=fallback,
     )
 
 
@@ -165,6 +179,8 @@ class PlannedRun:
             depend on the ours LR its ``method.lr`` is a placeholder: use :meth:`resolve`.
         lr_key: The ours-LR cache entry this run depends on.
         paper_ours_lr: The LR the paper's legend shows for ours here (None if none).
+        synthetic_fallback: The figure asks for real data but no data folder was given
+            and none was found, so the synthetic set stands in (smoke scale only).
     """
 
     figure: str
@@ -177,6 +193,7 @@ class PlannedRun:
     config: TrainConfig
     lr_key: LRKey
     paper_ours_lr: float | None
+    synthetic_fallback: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -302,6 +319,7 @@ def _row_runs(
                         if var is not None and var.paper_ours_lr is not None
                         else spec.paper_ours_lr
                     ),
+                    synthetic_fallback=setting.synthetic_fallback,
                 )
             )
     return runs
@@ -326,7 +344,9 @@ def resolve_figure(
         name: Figure name (see :func:`exactlr.paper.figures.figure_names`).
         scale: A :class:`~exactlr.paper.scales.Scale` or its name.
         seed: Base seed (weights w0, K_hat samples, batch order).
-        data_dir: Data root; at smoke scale, decides between real and synthetic data.
+        data_dir: Data root. At smoke scale without one, the synthetic set stands in
+            when no data folder is found (``PlannedRun.synthetic_fallback``); a given
+            folder without the data is an error.
         epochs: Override every run's epoch count (for quick checks of the demo).
         methods: Method sets (:data:`METHOD_SETS`): :data:`FIGURE_METHODS` (the
             figure's own methods), "parameter-free", "lr-finder", "tuned"; each row gets
@@ -339,6 +359,7 @@ def resolve_figure(
 
     Raises:
         ValueError: Unknown figure, scale or method set.
+        FileNotFoundError: At smoke scale, ``data_dir`` holds no files of the dataset.
     """
     spec = get_figure(name)
     scale = parse_scale(scale)

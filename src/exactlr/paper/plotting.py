@@ -186,7 +186,7 @@ def plot_sharpness(
     if not runs:
         raise FileNotFoundError(
             f"no run of {name} at scale {scale} in {root} measured the curvature; rerun "
-            f"with `exactlr run {name} --curvature-every K`"
+            "with curvature_every > 0"
         )
     rows = [
         row for row in (manifest.get("rows") or [""]) if any(r.get("row", "") == row for r in runs)

@@ -24,13 +24,14 @@ Example:
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from exactlr.paper.runner import execute_run
-from exactlr.paper.store import run_path, write_bytes_atomic
+from exactlr.paper.store import confined_path, run_path, write_bytes_atomic
 
 __all__ = ["RayRunner", "ray_available", "ray_runner"]
 
@@ -70,6 +71,10 @@ class RayRunner:
         owns_ray: Whether :meth:`close` shuts Ray down (it was started by us).
     """
 
+    #: Runs train in temporary folders on the workers: no checkpoint outlives them, so
+    #: ``run_figure`` refuses an explicit ``checkpoint_every > 0`` with this executor.
+    supports_checkpoints = False
+
     def __init__(self, *, num_cpus_per_run: float = 1, owns_ray: bool = False) -> None:
         import ray
 
@@ -105,9 +110,8 @@ class RayRunner:
         """Submits one run (``execute_run``'s signature); returns its result path."""
         if "device" in kwargs:
             kwargs["device"] = str(kwargs["device"])
-        # Checkpoints would land in the worker's temporary folder and die with it.
-        if "checkpoint_every" in kwargs:
-            kwargs["checkpoint_every"] = 0
+        if kwargs.get("checkpoint_every"):
+            raise ValueError("the Ray executor cannot keep checkpoints (checkpoint_every=0)")
         ref = self._task.remote(
             plan,
             kwargs,
@@ -135,7 +139,8 @@ class RayRunner:
             out = self._pending.pop(ready[0])
             files = self._ray.get(ready[0])
             for rel, data in sorted(files.items()):
-                write_bytes_atomic(out / rel, data)
+                # A worker's paths must stay inside the results folder.
+                write_bytes_atomic(confined_path(out, rel, what="a Ray worker's file"), data)
             done += 1
         self._refs.clear()
         return done
@@ -150,8 +155,29 @@ class RayRunner:
             self._ray.shutdown()
 
 
+def _check_reachable(address: str, timeout: float) -> None:
+    """Raises ``ConnectionError`` unless ``HOST:PORT`` accepts a TCP connection within
+    ``timeout`` seconds (``ray.init`` itself retries an unreachable address for long)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" or a "ray://" URL: left to Ray
+    host = host.removeprefix("ray://")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise ConnectionError(
+            f"Ray cluster at {address} is not reachable within {timeout:g} s ({err}); "
+            "check the address, or run without one for a local Ray"
+        ) from None
+
+
 def ray_runner(
-    address: str | None = None, num_cpus: int | None = None, *, num_cpus_per_run: float = 1
+    address: str | None = None,
+    num_cpus: int | None = None,
+    *,
+    num_cpus_per_run: float = 1,
+    connect_timeout: float = 30.0,
 ) -> RayRunner:
     """A :class:`RayRunner` on a local Ray (``address=None``) or a cluster.
 
@@ -164,13 +190,18 @@ def ray_runner(
         address: Ray cluster address, or None for a local Ray on this machine.
         num_cpus: CPUs of the local Ray (default: all); ignored for a cluster.
         num_cpus_per_run: CPUs reserved per run.
+        connect_timeout: Seconds to wait for a cluster at ``HOST:PORT`` to answer.
 
     Returns:
         The runner.
 
     Raises:
         ImportError: Ray is not installed (``pip install "ray>=2.9"``).
+        ConnectionError: The cluster at ``address`` does not answer in time.
+        ValueError: ``connect_timeout`` is not positive.
     """
+    if not connect_timeout > 0:
+        raise ValueError(f"connect_timeout={connect_timeout} must be positive (seconds)")
     try:
         import ray
     except ImportError as err:
@@ -182,6 +213,7 @@ def ray_runner(
         if address is None:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         else:
+            _check_reachable(address, connect_timeout)
             ray.init(address=address, log_to_driver=False)
         owns = True
     return RayRunner(num_cpus_per_run=num_cpus_per_run, owns_ray=owns)

@@ -412,9 +412,16 @@ def figure_report(name: str, *, out_dir: str | os.PathLike[str], scale: str) -> 
 
     Raises:
         FileNotFoundError: The figure has not been run at this scale in ``out_dir``.
+        ValueError: No run of the figure has a result file, or a file is corrupt, does not
+            match its manifest entry, or a manifest path leaves ``out_dir``.
     """
     root = Path(out_dir)
     manifest, runs, missing = load_figure_runs(name, out_dir=root, scale=scale)
+    if not runs:
+        raise ValueError(
+            f"no finished runs of {name} at scale {scale} in {root} ({len(missing)} planned, "
+            "none with a result file); run the figure first"
+        )
     rows = manifest.get("rows") or [""]
     blocks = [
         _row_block(name, row, [r for r in runs if r.get("row", "") == row], root, manifest)

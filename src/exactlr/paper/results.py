@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from exactlr._version import __version__
+from exactlr.paper.provenance import provenance_mismatch
 from exactlr.paper.runconfig import (
     METRIC_FIELDS,
     OPTIONAL_METRIC_FIELDS,
@@ -71,6 +72,7 @@ __all__ = [
     "load_result",
     "load_results",
     "manifest_path",
+    "plan_mismatch",
     "result_path",
     "save_result",
     "write_bytes_atomic",
@@ -120,13 +122,20 @@ def environment_info(device: torch.device | str | None = "cpu") -> dict[str, Any
     }
 
 
-def save_result(path: Path | str, result: RunResult, *, extra: dict | None = None) -> None:
+def save_result(
+    path: Path | str,
+    result: RunResult,
+    *,
+    extra: dict | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> None:
     """Saves a run's result (schema in the module docstring) atomically.
 
     Args:
         path: Target file, usually `result_path(out_dir, result.config)`.
         result: The run.
         extra: Anything else to keep beside it (e.g. how ours_lr was obtained).
+        provenance: What produced it (:func:`exactlr.paper.provenance.provenance`).
     """
     record = {
         "schema_version": SCHEMA_VERSION,
@@ -141,6 +150,8 @@ def save_result(path: Path | str, result: RunResult, *, extra: dict | None = Non
     }
     if result.total_steps is not None:
         record["total_steps"] = result.total_steps
+    if provenance is not None:
+        record["provenance"] = provenance
     write_json_atomic(path, record)
 
 
@@ -173,9 +184,43 @@ def load_result(path: Path | str) -> dict[str, Any]:
         if name not in data:
             raise ValueError(f"{path}: missing field {name!r}")
     try:
-        validate_config(TrainConfig.from_dict(data["config"]))
+        cfg = TrainConfig.from_dict(data["config"])
+        validate_config(cfg)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: bad field 'config' ({err!r})") from err
+    if data["name"] != cfg.run_name():
+        raise ValueError(
+            f"{path}: field 'name' = {data['name']!r} is not its config's run name "
+            f"{cfg.run_name()!r} (edited?); delete it to rerun the run"
+        )
+    for name, kind in (("extra", dict), ("provenance", dict), ("environment", dict)):
+        if name in data and not isinstance(data[name], kind):
+            raise ValueError(f"{path}: field {name!r} must be an object")
+    total_steps = data.get("total_steps")
+    if total_steps is not None and (
+        isinstance(total_steps, bool) or not isinstance(total_steps, int)
+    ):
+        raise ValueError(f"{path}: field 'total_steps' = {total_steps!r} must be an integer")
+    _check_metrics(path, data)
+    diverged_at = data["diverged_at"]
+    epochs = data["metrics"]["epoch"]
+    if diverged_at is not None and (
+        isinstance(diverged_at, bool)
+        or not isinstance(diverged_at, int)
+        or diverged_at != epochs[-1]
+    ):
+        raise ValueError(
+            f"{path}: field 'diverged_at' = {diverged_at!r} must be null or the last epoch "
+            f"({epochs[-1]})"
+        )
+    _check_epochs(path, epochs, diverged_at, cfg.epochs)
+    data["path"] = str(path)
+    return data
+
+
+def _check_metrics(path: Path, data: dict[str, Any]) -> None:
+    """Metrics: an object of equally long lists of numbers (non-finite markers decoded in
+    place), at least one epoch; optional metrics missing in older files become NaN."""
     metrics = data["metrics"]
     if not isinstance(metrics, dict):
         raise ValueError(f"{path}: field 'metrics' must be an object of lists")
@@ -201,21 +246,32 @@ def load_result(path: Path | str) -> dict[str, Any]:
     for name in OPTIONAL_METRIC_FIELDS:
         if name not in data["metrics"]:
             data["metrics"][name] = [math.nan] * len(data["metrics"]["epoch"])
-    diverged_at = data["diverged_at"]
-    epochs = data["metrics"]["epoch"]
-    if diverged_at is not None and (
-        isinstance(diverged_at, bool)
-        or not isinstance(diverged_at, int)
-        or diverged_at != epochs[-1]
-    ):
+
+
+def _check_epochs(path: Path, epochs: list[Any], diverged_at: int | None, planned: int) -> None:
+    """The metrics cover epochs 0..E (or 0..diverged_at), one row each, in order."""
+    last = planned if diverged_at is None else diverged_at
+    if epochs != list(range(last + 1)):
         raise ValueError(
-            f"{path}: field 'diverged_at' = {diverged_at!r} must be null or the last epoch "
-            f"({epochs[-1]})"
+            f"{path}: metrics hold epochs {epochs[0]}..{epochs[-1]} ({len(epochs)} rows) but "
+            f"the run ends at epoch {last} (config epochs={planned}); delete it to rerun"
         )
-    if not isinstance(data["environment"], dict):
-        raise ValueError(f"{path}: field 'environment' must be an object")
-    data["path"] = str(path)
-    return data
+
+
+def plan_mismatch(
+    data: dict[str, Any], cfg: TrainConfig, provenance: dict[str, Any], total_steps: int
+) -> str | None:
+    """Why a loaded result does not belong to a planned run (None if it does).
+
+    The result must have the planned config (method and LR included), the planned T,
+    and the planned provenance (the same data and w0, see
+    :func:`exactlr.paper.provenance.provenance_mismatch`).
+    """
+    if data["config"] != cfg.to_dict():
+        return "has another config (method, LR, data or schedule) than this plan"
+    if data.get("total_steps") != total_steps:
+        return f"was trained for T={data.get('total_steps')} steps, the plan has T={total_steps}"
+    return provenance_mismatch(data.get("provenance"), provenance)
 
 
 def is_finished(path: Path | str) -> bool:
@@ -306,6 +362,17 @@ def load_figure_runs(
             missing.append(str(entry.get("run_name", path.stem)))
             continue
         data = load_result(path)
+        if data["name"] != entry.get("run_name") or path.stem != data["name"]:
+            raise ValueError(
+                f"{path}: holds run {data['name']!r} but the manifest {where} lists "
+                f"{entry.get('run_name')!r} there; delete the file and rerun the figure"
+            )
+        extra_lr = data.get("extra", {}).get("lr")
+        if extra_lr is not None and extra_lr != data["config"]["method"]["lr"]:
+            raise ValueError(
+                f"{path}: its LR {data['config']['method']['lr']!r} is not the LR it "
+                f"records it was run with ({extra_lr!r}; edited?); delete it and rerun"
+            )
         label = _label(data)
         series = entry.get("series")
         runs.append(

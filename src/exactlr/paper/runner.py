@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,26 +24,30 @@ from typing import Any, Protocol
 
 import torch
 
-from exactlr.data import ArrayDataset, load_dataset
+from exactlr.data import ArrayDataset, load_dataset, resolve_data_dirs
 from exactlr.models import build_model
 from exactlr.paper.figures import FigureSpec, get_figure
 from exactlr.paper.lrcache import LRKey, finder_entry, ours_entry
 from exactlr.paper.planning import FIGURE_METHODS, PlannedRun, resolve_figure
-from exactlr.paper.provenance import state_dict_sha256
-from exactlr.paper.results import is_finished, save_result
+from exactlr.paper.provenance import DataIdentity, provenance, state_dict_sha256
+from exactlr.paper.results import load_result, plan_mismatch, save_result
 from exactlr.paper.scales import Scale, parse_scale
+from exactlr.paper.stopping import raise_if_stop_requested
 from exactlr.paper.store import (
     check_out_dir,
     checkpoint_path,
     manifest_path,
     read_json,
     run_path,
+    set_aside,
     write_json_atomic,
 )
 from exactlr.paper.training import TrainConfig, first_samples, train_run
 from exactlr.progress import progress_bar
 
 __all__ = ["Runner", "default_checkpoint_every", "execute_run", "run_figure"]
+
+log = logging.getLogger("exactlr")
 
 # Seed of the mini-subset draws: the data set is fixed across weight seeds, as in the
 # paper (one mini-MNIST), so that seeds vary only w0 and the K_hat samples.
@@ -122,6 +127,7 @@ def execute_run(
     device: str | torch.device = "cpu",
     progress: bool = False,
     checkpoint_every: int = 0,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Trains one planned run from ``w0_state`` and saves its result file.
 
@@ -142,6 +148,8 @@ def execute_run(
         device: Torch device.
         progress: Show the training loop's own progress bar.
         checkpoint_every: Epochs between checkpoints (0: none).
+        provenance: What the run is made from (data identity, w0, code), recorded in
+            its result file (:func:`exactlr.paper.provenance.provenance`).
 
     Returns:
         The result file's path.
@@ -168,7 +176,12 @@ def execute_run(
             f"{ours['key']!r} is for T={ours['total_steps']}; delete that entry to recompute it"
         )
     path = run_path(out_dir, cfg.run_name())
-    save_result(path, result, extra=_result_extra(plan, cfg, ours, finder, w0_state))
+    save_result(
+        path,
+        result,
+        extra=_result_extra(plan, cfg, ours, finder, w0_state),
+        provenance=dict(provenance) if provenance is not None else None,
+    )
     ckpt.unlink(missing_ok=True)  # only now: a crash before the save resumes from it
     return path
 
@@ -243,6 +256,17 @@ def _write_manifest(
 
 
 @dataclass
+class _Prepared:
+    """A plan's inputs: its data, w0, ours-LR entry and the provenance its result needs."""
+
+    train: ArrayDataset
+    test: ArrayDataset
+    state: dict[str, torch.Tensor]
+    ours: dict[str, Any]
+    provenance: dict[str, Any]
+
+
+@dataclass
 class _Inputs:
     """What the runs of a figure share, loaded or computed once each."""
 
@@ -251,28 +275,44 @@ class _Inputs:
     out: Path
     device: torch.device
     progress: bool
-    data: dict[tuple[Any, ...], tuple[ArrayDataset, ArrayDataset]] = field(default_factory=dict)
-    w0: dict[tuple[Any, ...], tuple[torch.nn.Module, dict[str, torch.Tensor]]] = field(
+    data: dict[tuple[Any, ...], tuple[ArrayDataset, ArrayDataset, DataIdentity]] = field(
+        default_factory=dict
+    )
+    w0: dict[tuple[Any, ...], tuple[torch.nn.Module, dict[str, torch.Tensor], str]] = field(
         default_factory=dict
     )
     ours: dict[LRKey, dict[str, Any]] = field(default_factory=dict)
     finder: dict[LRKey, dict[str, Any]] = field(default_factory=dict)
 
-    def dataset(self, cfg: TrainConfig) -> tuple[ArrayDataset, ArrayDataset]:
-        key = (cfg.dataset, cfg.subset, cfg.num_train)
+    def dataset(self, plan: PlannedRun) -> tuple[ArrayDataset, ArrayDataset, DataIdentity]:
+        cfg = plan.config
+        key = (cfg.dataset, cfg.subset, cfg.num_train, plan.synthetic_fallback)
         if key not in self.data:
-            self.data[key] = _load_data(cfg, self.data_dir, self.scale)
+            train, test = _load_data(cfg, self.data_dir, self.scale)
+            identity = DataIdentity.of(
+                train,
+                test,
+                dataset=cfg.dataset,
+                subset=cfg.subset,
+                synthetic_fallback=plan.synthetic_fallback,
+            )
+            self.data[key] = (train, test, identity)
         return self.data[key]
 
-    def initial(self, cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    def initial(self, cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str]:
         key = (cfg.model, cfg.dataset, cfg.init, cfg.seed)
         if key not in self.w0:
             model = _build_w0(cfg)
-            self.w0[key] = (model, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.w0[key] = (model, state, state_dict_sha256(state))
         return self.w0[key]
 
-    def lr_entry(self, plan: PlannedRun, model: torch.nn.Module, train: ArrayDataset) -> Any:
-        """The ours-LR entry of ``plan`` (with ``finder`` for an LR finder run)."""
+    def prepare(self, plan: PlannedRun) -> _Prepared:
+        """The plan's inputs; the ours-LR (and range test) entries from a valid cache
+        file or computed."""
+        train, test, identity = self.dataset(plan)
+        model, state, w0_sha = self.initial(plan.config)
+        record = provenance(identity, w0_sha)
         key = plan.lr_key
         if key not in self.ours:
             self.ours[key] = ours_entry(
@@ -284,15 +324,40 @@ class _Inputs:
                 scale=self.scale,
                 device=self.device,
                 progress=self.progress,
+                provenance=record,
             )
-        if plan.group != "lr_finder":
-            return self.ours[key]
-        finder_key = key.finder_key()
-        if finder_key not in self.finder:
-            self.finder[finder_key] = finder_entry(
-                key, plan.config, model, train, self.out, device=self.device
-            )
-        return {**self.ours[key], "finder": self.finder[finder_key]}
+        ours = self.ours[key]
+        if plan.group == "lr_finder":
+            finder_key = key.finder_key()
+            if finder_key not in self.finder:
+                self.finder[finder_key] = finder_entry(
+                    key, plan.config, model, train, self.out, device=self.device, provenance=record
+                )
+            ours = {**ours, "finder": self.finder[finder_key]}
+        return _Prepared(train, test, state, ours, record)
+
+
+def _finished(path: Path, plan: PlannedRun, prepared: _Prepared, out: Path) -> bool:
+    """Whether ``path`` holds this plan's result; a file that does not (unreadable, of
+    another config, LR, T, data or w0) is named in one log line and set aside."""
+    if not path.is_file():
+        return False
+    ours = prepared.ours
+    finder = ours.get("finder")
+    cfg = plan.resolve(float(ours["lr"]), float(finder["lr"]) if finder else None)
+    try:
+        data = load_result(path)
+    except ValueError as err:
+        problem: str | None = f"is unreadable ({err})"
+    else:
+        problem = plan_mismatch(
+            data, cfg, prepared.provenance, cfg.total_steps(len(prepared.train))
+        )
+        if problem is None:
+            return True
+    aside = set_aside(out, path)
+    log.warning("result %s %s; rerunning it (the old file is now %s)", path, problem, aside)
+    return False
 
 
 @contextlib.contextmanager
@@ -329,8 +394,12 @@ def run_figure(
 
     Data are loaded once per setting; the model is built once per (architecture, data,
     init, seed) so every method of a row starts from the same ``w0``; alpha_ours is
-    computed once per setting and cached in ``out_dir/lr/<key>.json``. Runs whose result
-    file is finished are skipped, so rerunning resumes.
+    computed once per setting and cached in ``out_dir/lr/<key>.json``. A run whose
+    result file matches its plan (config and LR, T, the data's hashes and w0's: see
+    :func:`exactlr.paper.results.plan_mismatch`) is skipped, so rerunning resumes; a
+    file that does not match is named in a log line, moved to ``out_dir/aside/`` and
+    the run redone. The manifest is written once every run has its result, so a figure
+    whose runs failed leaves none to report on.
 
     Args:
         name: Figure name (see :func:`exactlr.paper.figures.figure_names`).
@@ -358,14 +427,13 @@ def run_figure(
     Raises:
         ValueError: Unknown figure or scale; ``out_dir`` is a file or cannot be created;
             a negative ``checkpoint_every``; ``num_threads < 1``.
-        FileNotFoundError: The data files are missing.
+        FileNotFoundError: The data files are missing (at smoke scale: a given
+            ``data_dir`` without them; the synthetic set stands in only without one).
     """
-    if checkpoint_every is not None and checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 0 (0: none)")
-    if num_threads is not None and num_threads < 1:
-        raise ValueError(f"num_threads={num_threads} must be at least 1 (or None)")
+    _check_counts(checkpoint_every, num_threads)
     spec = get_figure(name)
     scale = parse_scale(scale)
+    checkpoint_every = _checkpoint_every(checkpoint_every, scale, spec, runner)
     plans = resolve_figure(
         name,
         scale,
@@ -376,14 +444,56 @@ def run_figure(
         curvature_every=curvature_every,
     )
     out = check_out_dir(out_dir, create=True)
-    if checkpoint_every is None:
-        checkpoint_every = default_checkpoint_every(scale, fixed_scale=spec.fixed_scale)
-    _write_manifest(out, spec, scale, seed, plans)
+    if any(p.synthetic_fallback for p in plans):
+        _say_synthetic(spec)
     inputs = _Inputs(data_dir, scale, out, torch.device(device), progress)
     with _threads(num_threads):
-        return _run_plans(
+        paths = _run_plans(
             plans, inputs, runner or execute_run, checkpoint_every, f"{name} ({scale})"
         )
+        wait = getattr(runner, "wait", None)
+        if callable(wait):  # an executor that only submitted the runs: collect them
+            wait()
+    # Only now: a figure whose runs failed leaves no manifest to report on.
+    _write_manifest(out, spec, scale, seed, plans)
+    return paths
+
+
+def _check_counts(checkpoint_every: int | None, num_threads: int | None) -> None:
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 0 (0: none)")
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads={num_threads} must be at least 1 (or None)")
+
+
+def _say_synthetic(spec: FigureSpec) -> None:
+    """One log line: the smoke scale runs on the synthetic set (no data folder found)."""
+    log.info(
+        "no data folder given and none with %s found (searched: %s): %s runs on the "
+        "synthetic set instead (recorded in every result)",
+        spec.dataset,
+        ", ".join(str(d) for d in resolve_data_dirs(None)),
+        spec.name,
+    )
+
+
+def _checkpoint_every(
+    requested: int | None, scale: Scale, spec: FigureSpec, runner: Runner | None
+) -> int:
+    """The epochs between checkpoints: as requested, else the scale's default; 0 for an
+    executor whose runs cannot keep checkpoints (it refuses an explicit request)."""
+    local = getattr(runner, "supports_checkpoints", True)
+    if requested is not None:
+        if requested > 0 and not local:
+            raise ValueError(
+                f"checkpoint_every={requested}: this executor's runs train in temporary "
+                "folders, so they cannot keep checkpoints; use 0 or the local executor"
+            )
+        return requested
+    if not local:
+        log.info("checkpoints are off: the executor's runs train in temporary folders")
+        return 0
+    return default_checkpoint_every(scale, fixed_scale=spec.fixed_scale)
 
 
 def _run_plans(
@@ -393,32 +503,32 @@ def _run_plans(
     checkpoint_every: int,
     desc: str,
 ) -> list[Path]:
-    """Does every plan whose result file is not finished; returns all result paths."""
+    """Does every plan without a matching result file; returns all result paths."""
     paths: list[Path] = []
     bar = progress_bar(total=len(plans), desc=desc, unit="run", enabled=inputs.progress)
     try:
         for plan in plans:
-            cfg = plan.config
             path = run_path(inputs.out, plan.run_name)
             paths.append(path)
-            if is_finished(path):
+            prepared = inputs.prepare(plan)
+            if _finished(path, plan, prepared, inputs.out):
                 bar.update(1)
                 continue
             bar.set_postfix_str(f"{plan.row + ' ' if plan.row else ''}{plan.method}")
-            train, test = inputs.dataset(cfg)
-            model, state = inputs.initial(cfg)
             run(
                 plan,
-                ours=inputs.lr_entry(plan, model, train),
-                w0_state=state,
-                train=train,
-                test=test,
+                ours=prepared.ours,
+                w0_state=prepared.state,
+                train=prepared.train,
+                test=prepared.test,
                 out_dir=inputs.out,
                 device=inputs.device,
                 progress=False,
                 checkpoint_every=checkpoint_every,
+                provenance=prepared.provenance,
             )
             bar.update(1)
+            raise_if_stop_requested()  # a stop asked for during the run's last epoch
     finally:
         bar.close()
     return paths

@@ -10,6 +10,7 @@ out_dir/figures/<figure>-<scale>.json a figure's manifest: its runs, rows, scale
 out_dir/checkpoints/<run_name>.pt     a run's checkpoint while it trains
 out_dir/reports/<figure>-<scale>.md   the verdict table (and .json)
 out_dir/plots/...                     drawings made from the files above
+out_dir/aside/...                     files that did not match their plan, kept aside
 ```
 
 Every file is written to a temporary file of a unique name in the same folder, flushed,
@@ -48,6 +49,7 @@ __all__ = [
     "read_json",
     "report_path",
     "run_path",
+    "set_aside",
     "write_bytes_atomic",
     "write_json_atomic",
     "write_text_atomic",
@@ -94,6 +96,27 @@ def report_path(out_dir: PathLike, name: str, scale: str) -> Path:
 def plots_dir(out_dir: PathLike) -> Path:
     """``out_dir/plots``: the drawings."""
     return Path(out_dir) / "plots"
+
+
+def set_aside(out_dir: PathLike, path: PathLike) -> Path:
+    """Moves ``path`` (a file under ``out_dir``) to ``out_dir/aside/<same path>.<n>``.
+
+    A file that does not match its plan is kept there, never deleted, and the plan is
+    recomputed. ``n`` is the first number not taken yet.
+
+    Returns:
+        The file's new path.
+    """
+    root, path = Path(out_dir), Path(path)
+    relative = path.resolve().relative_to(root.resolve())
+    base = root / "aside" / relative
+    base.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while base.with_name(f"{base.name}.{n}").exists():
+        n += 1
+    target = base.with_name(f"{base.name}.{n}")
+    os.replace(path, target)
+    return target
 
 
 def confined_path(out_dir: PathLike, relative: Any, *, what: str) -> Path:

@@ -50,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -93,6 +94,7 @@ from exactlr.paper.runconfig import (
     validate_config,
 )
 from exactlr.paper.schedules import build_optimizer, build_scheduler, needs_train_eval
+from exactlr.paper.stopping import raise_if_stop_requested, stop_at_epoch_end, stop_requested
 from exactlr.paper.store import atomic_target
 from exactlr.progress import progress_bar
 
@@ -162,6 +164,22 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------ train
+
+
+@dataclass(frozen=True)
+class _Checkpoints:
+    """Where and how often a run checkpoints (``path`` None: never)."""
+
+    path: Path | None
+    every: int
+    fingerprint: str
+
+    def due(self, epoch: int, last: int) -> bool:
+        """Whether to checkpoint after ``epoch``: every ``every`` epochs, or when a stop
+        was asked for; never after the ``last`` epoch (its state is the result)."""
+        if self.path is None or epoch >= last:
+            return False
+        return (self.every > 0 and epoch % self.every == 0) or stop_requested()
 
 
 @dataclass
@@ -435,6 +453,46 @@ class _RunState:
         )
 
 
+def _train_epochs(
+    state: _RunState,
+    first_epoch: int,
+    checkpoints: _Checkpoints,
+    on_epoch: Callable[[EpochMetrics], None] | None,
+    progress: bool,
+) -> int | None:
+    """Trains epochs ``first_epoch..E``; returns the epoch it diverged at, or None.
+
+    With checkpoints, a SIGINT / SIGTERM (under the CLI's handlers) stops the run at the
+    end of its epoch, after a checkpoint, so that a rerun resumes there.
+    """
+    last = state.cfg.epochs
+    bar = progress_bar(
+        range(first_epoch, last + 1), desc=state.cfg.run_name(), unit="epoch", enabled=progress
+    )
+    zone = stop_at_epoch_end() if checkpoints.path is not None else contextlib.nullcontext()
+    try:
+        with zone:
+            for epoch in bar:
+                metrics = state.epoch(epoch)
+                bar.set_postfix(
+                    loss=f"{metrics.train_loss:.4g}", grad=f"{metrics.grad_norm_full:.3g}"
+                )
+                if on_epoch is not None:
+                    on_epoch(metrics)
+                if not metrics.is_finite():
+                    return epoch
+                if checkpoints.due(epoch, last):
+                    assert checkpoints.path is not None
+                    _save_checkpoint(
+                        checkpoints.path, state.checkpoint(epoch, checkpoints.fingerprint)
+                    )
+                if epoch < last:
+                    raise_if_stop_requested()
+    finally:
+        bar.close()
+    return None
+
+
 def train_run(
     cfg: TrainConfig,
     model: nn.Module,
@@ -499,21 +557,7 @@ def train_run(
         if not metrics.is_finite():
             return state.result(0)
         first_epoch = 1
-    bar = progress_bar(
-        range(first_epoch, cfg.epochs + 1), desc=cfg.run_name(), unit="epoch", enabled=progress
+    diverged_at = _train_epochs(
+        state, first_epoch, _Checkpoints(ckpt, checkpoint_every, fingerprint), on_epoch, progress
     )
-    try:
-        for epoch in bar:
-            metrics = state.epoch(epoch)
-            bar.set_postfix(loss=f"{metrics.train_loss:.4g}", grad=f"{metrics.grad_norm_full:.3g}")
-            if on_epoch is not None:
-                on_epoch(metrics)
-            if not metrics.is_finite():
-                return state.result(epoch)
-            due = checkpoint_every > 0 and epoch % checkpoint_every == 0
-            # The last epoch's state is the result itself: no checkpoint for it.
-            if ckpt is not None and due and epoch < cfg.epochs:
-                _save_checkpoint(ckpt, state.checkpoint(epoch, fingerprint))
-    finally:
-        bar.close()
-    return state.result(None)
+    return state.result(diverged_at)
