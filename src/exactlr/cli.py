@@ -45,6 +45,7 @@ from exactlr.cliargs import (  # noqa: F401 - argument types, re-exported
     speed_arg,
     tol_arg,
 )
+from exactlr.curvature.distributed import rank_device, torchrun_session
 from exactlr.paper import ray_executor
 from exactlr.paper.campaign import all_jobs, pick_scale
 from exactlr.paper.estimate import device_speed, estimate_jobs, format_estimate
@@ -74,7 +75,7 @@ def _cmd_lr(args: argparse.Namespace) -> int:
         except argparse.ArgumentTypeError as err:
             raise UsageError(f"--model: {err}") from None
     args.data_dir = _data_dir(args.data_dir)
-    return lr_command.run(args, resolve_device(args.device))
+    return lr_command.run(args, rank_device(resolve_device(args.device)))
 
 
 # --------------------------------------------------------------------------------------
@@ -373,6 +374,12 @@ def _add_lr_command(sub: Any) -> None:
         default=None,
         help="adaptive stop after this many samples without growth",
     )
+    lr.add_argument(
+        "--parallel",
+        default="data",
+        choices=["data", "samples"],
+        help="under torchrun: split the data over the processes, or the weight samples",
+    )
     lr.add_argument("--json", action="store_true", help="machine-readable output")
     add_common_data_args(lr)
     lr.add_argument(
@@ -587,7 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with handle_signals():
             parser = build_parser()
             args = parser.parse_args(argv)
-            with keep_freed_memory(), _messages():
+            lr = args.func is _cmd_lr
+            with keep_freed_memory(), _messages(), torchrun_session(enabled=lr):
                 return int(args.func(args) or 0)
     except (UsageError, ValueError, OverflowError) as e:
         # One line: multi-line messages (e.g. the list of searched paths) are joined.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from exactlr.curvature.batches import (
@@ -26,6 +27,14 @@ from exactlr.curvature.batches import (
     module_device_dtype,
     subsample_batches,
     training_loss_mode,
+)
+from exactlr.curvature.distributed import (
+    DataParallelOperator,
+    all_or_none,
+    data_parallel,
+    resolve_group,
+    same_on_all_ranks,
+    shared_start,
 )
 from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
 from exactlr.curvature.operators import HessianOperator
@@ -181,6 +190,7 @@ def hessian_spectral_norm(
     rewrite: bool = True,
     check_labels: bool = True,
     check_determinism: bool = True,
+    process_group: dist.ProcessGroup | bool | None = None,
 ) -> SpectralNormResult:
     """Spectral norm of the Hessian of the full-data loss at the model's weights.
 
@@ -226,6 +236,11 @@ def hessian_spectral_norm(
             the outputs or ``ignore_index``); False: no check.
         check_determinism: Evaluate the loss and one product twice first and raise,
             naming the random ops found, if they differ.
+        process_group: Data-parallel products (:mod:`exactlr.curvature.distributed`):
+            ``batches`` is this rank's shard, and the loss, the products and so the
+            result are those of the data of all ranks, identical on every rank. None:
+            the default group when ``torch.distributed`` is initialised (``torchrun``),
+            else one process; False: one process.
 
     Returns:
         A :class:`SpectralNormResult`.
@@ -269,18 +284,22 @@ def hessian_spectral_norm(
     )
     options.validate()
     objective = Objective(loss_fn, loss, batch_size, check_labels)
+    group = resolve_group(process_group)
     start = time.perf_counter()
     device, _ = module_device_dtype(model)
-    data = materialize_batches(batches, device, pairs=objective.pairs)
     with training_loss_mode(model):
-        op = HessianOperator(
-            model, objective=objective, batches=data, hvp_mode=hvp_mode, rewrite=rewrite
-        )
-        try:
+        with all_or_none(group):  # a rank's bad shard stops every rank
+            data = materialize_batches(batches, device, pairs=objective.pairs)
+            op = HessianOperator(
+                model, objective=objective, batches=data, hvp_mode=hvp_mode, rewrite=rewrite
+            )
             value = op.loss()
             v0 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
-            if check_determinism:
+            if check_determinism:  # local: before any product is all-reduced
                 op.check_deterministic(v0, torch.tensor([value], dtype=torch.float64))
+        op, value = data_parallel(op, value, group)
+        v0 = shared_start(op, v0)
+        try:
             subsample_hvps = 0
             if subsample is not None:
                 v0, subsample_hvps = _subsample_start(op, v0, options, generator)
@@ -317,6 +336,7 @@ def _solve(
     lam, _, _, ok1 = power_iteration(op, v0, max_iters=max_iters, tol=tol)
     # The opposite end of the spectrum is the dominant eigenvalue of H - lam I.
     v1 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
+    v1 = shared_start(op, v1)
     mu, _, _, ok2 = power_iteration(lambda v: op(v) - lam * v, v1, max_iters=max_iters, tol=tol)
     other = mu + lam
     return max(lam, other), min(lam, other), ok1 and ok2, tol * abs(lam)
@@ -339,6 +359,8 @@ def _subsample_start(
     sub = HessianOperator(
         op.model, objective=op.objective, batches=data, hvp_mode=op.hvp_mode, rewrite=op.rewrite
     )
+    if isinstance(op, DataParallelOperator):  # every rank's subsample, weighted by size
+        sub, _ = data_parallel(sub, 0.0, op.group)
     try:
         res = lanczos(
             sub,
@@ -374,6 +396,7 @@ def hessian_spectral_norms(
     rewrite: bool = True,
     check_labels: bool = True,
     check_determinism: bool = True,
+    process_group: dist.ProcessGroup | bool | None = None,
 ) -> list[SpectralNormResult]:
     """:func:`hessian_spectral_norm` (Lanczos) of S models of one architecture at once.
 
@@ -407,6 +430,7 @@ def hessian_spectral_norms(
             :class:`~exactlr.curvature.operators.HessianOperator`).
         check_labels, check_determinism: As for :func:`hessian_spectral_norm` (the
             probe evaluates the whole stack twice).
+        process_group: Data-parallel products, as in :func:`hessian_spectral_norm`.
 
     Returns:
         One :class:`SpectralNormResult` per model, in order. ``seconds`` is the wall time
@@ -430,20 +454,23 @@ def hessian_spectral_norms(
             "hessian_spectral_norms stacks models with vmap, which takes loss_fn on "
             "(inputs, targets) batches only; with loss=, call hessian_spectral_norm per model"
         )
+    group = resolve_group(process_group)
     device, _ = module_device_dtype(models[0])
-    data = materialize_batches(batches, device, pairs=objective.pairs)
-    op = StackedHessianOperator.from_models(
-        models, objective=objective, batches=data, hvp_mode=hvp_mode, rewrite=rewrite
-    )
-    losses = op.losses()
-    gens = list(generators) if generators is not None else [None] * len(models)
-    v0 = torch.stack(
-        [random_unit_vector(op.dim, generator=g, dtype=op.dtype, device=op.device) for g in gens]
-    )
+    with all_or_none(group):  # a rank's bad shard stops every rank
+        data = materialize_batches(batches, device, pairs=objective.pairs)
+        op = StackedHessianOperator.from_models(
+            models, objective=objective, batches=data, hvp_mode=hvp_mode, rewrite=rewrite
+        )
+        losses = op.losses()
+        gens = list(generators) if generators is not None else [None] * len(models)
+        draws = [random_unit_vector(op.dim, generator=g, dtype=op.dtype) for g in gens]
+        v0 = torch.stack(draws).to(op.device)
+        if check_determinism:  # local: before any product is all-reduced
+            op.check_deterministic(v0, torch.tensor(losses, dtype=torch.float64))
+    op, losses = data_parallel(op, losses, group)
+    v0 = same_on_all_ranks(v0, group)
     products = _ActiveProducts(op)
     try:
-        if check_determinism:
-            op.check_deterministic(v0, torch.tensor(losses, dtype=torch.float64))
         results = lanczos_batched(products, v0, max_iters=max_iters, tol=tol, target=target)
     finally:
         products.release()
@@ -511,21 +538,27 @@ def full_loss(
     loss: ModelLoss | None = None,
     batch_size: BatchSize | None = None,
     check_labels: bool = True,
+    process_group: dist.ProcessGroup | bool | None = None,
 ) -> float:
     """The size-weighted mean loss over ``batches`` as training computes it, without grad.
 
     The loss is given as for :func:`hessian_spectral_norm` (``loss_fn`` on pairs, or
     ``loss``). The model is left unchanged (see
-    :func:`~exactlr.curvature.batches.training_loss_mode`).
+    :func:`~exactlr.curvature.batches.training_loss_mode`). With a process group (see
+    :func:`hessian_spectral_norm`), ``batches`` is this rank's shard and the result the
+    loss over the data of all ranks.
 
     Raises:
         ValueError: Empty batches, bad labels, or a non-finite loss.
     """
     objective = Objective(loss_fn, loss, batch_size, check_labels)
+    group = resolve_group(process_group)
     device, _ = module_device_dtype(model)
-    data = materialize_batches(batches, device, pairs=objective.pairs)
     with training_loss_mode(model):
-        op = HessianOperator(
-            model, objective=objective, batches=data, hvp_mode="forward", rewrite=False
-        )
-        return op.loss()
+        with all_or_none(group):
+            data = materialize_batches(batches, device, pairs=objective.pairs)
+            op = HessianOperator(
+                model, objective=objective, batches=data, hvp_mode="forward", rewrite=False
+            )
+            value = op.loss()
+        return data_parallel(op, value, group)[1]
