@@ -40,14 +40,20 @@ from exactlr.cliargs import (  # noqa: F401 - argument types, re-exported
     positive_int,
     resolve_device,
     seed_arg,
+    seeds_arg,
     share_arg,
+    speed_arg,
     tol_arg,
 )
+from exactlr.curvature.distributed import rank_device, torchrun_session
 from exactlr.paper import ray_executor
+from exactlr.paper.campaign import all_jobs, pick_scale
+from exactlr.paper.estimate import device_speed, estimate_jobs, format_estimate
 from exactlr.paper.figures import get_figure, list_figures
 from exactlr.paper.report import figure_report, format_markdown
 from exactlr.paper.runner import run_figure
 from exactlr.paper.scales import Scale, parse_scale
+from exactlr.paper.seeds import write_seeds_report
 from exactlr.paper.stopping import Interrupted, handle_signals
 from exactlr.paper.store import (
     check_out_dir,
@@ -69,7 +75,7 @@ def _cmd_lr(args: argparse.Namespace) -> int:
         except argparse.ArgumentTypeError as err:
             raise UsageError(f"--model: {err}") from None
     args.data_dir = _data_dir(args.data_dir)
-    return lr_command.run(args, resolve_device(args.device))
+    return lr_command.run(args, rank_device(resolve_device(args.device)))
 
 
 # --------------------------------------------------------------------------------------
@@ -89,12 +95,16 @@ def _out_dir(text: str, *, create: bool = False) -> Path:
         raise UsageError(f"--out: {err}") from None
 
 
-def _no_results(figure: str, scale: str, out: Path) -> None:
-    """Raises `UsageError` when `out` holds no result of `figure` at `scale`."""
-    if not manifest_path(out, figure, scale).is_file():
+def _no_results(
+    figure: str, scale: str, out: Path, seed: int = 0, seeds: Sequence[int] = ()
+) -> None:
+    """Raises `UsageError` when `out` holds no result of `figure` at `scale` (and
+    base seed `seed`, one of `seeds`)."""
+    if not manifest_path(out, figure, scale, seed).is_file():
+        listed = f" --seeds {','.join(map(str, seeds))}" if seeds else ""
         raise UsageError(
-            f"no results of {figure} at scale {scale} in {out}; run `exactlr run {figure} "
-            f"--scale {scale} --out {out}` first"
+            f"no results of {figure} at scale {scale}{f' with seed {seed}' if seed else ''} "
+            f"in {out}; run `exactlr run {figure} --scale {scale} --out {out}{listed}` first"
         )
 
 
@@ -148,20 +158,63 @@ def _num_threads(args: argparse.Namespace, scale: Scale, device: torch.device) -
     return scale.num_threads if device.type == "cpu" else None
 
 
+def _print_estimate(args: argparse.Namespace, jobs: list[tuple[str, int]]) -> None:
+    speed, source = device_speed(args.device, args.speed)
+    out = Path(args.out)
+    est = estimate_jobs(
+        jobs,
+        args.scale,
+        out_dir=out if out.is_dir() else None,
+        data_dir=args.data_dir,
+        speed=speed,
+    )
+    print(format_estimate(est, f"{args.device} (speed: {source})"), flush=True)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    _check_figure(args.figure, args.scale)
+    _check_figure("fig1" if args.figure == "all" else args.figure, args.scale)
+    if args.figure == "all":
+        jobs = all_jobs(args.seeds)
+    else:
+        jobs = [(args.figure, seed) for seed in args.seeds or (args.seed,)]
+    if args.dry_run:  # planning a GPU run elsewhere needs no GPU here
+        _print_estimate(args, jobs)
+        return 0
     data_dir = _data_dir(args.data_dir)
-    out = _out_dir(args.out, create=True)
     device = resolve_device(args.device)
-    runner = _ray_runner(args)
+    if args.figure == "all":
+        _print_estimate(args, jobs)
+    out = _out_dir(args.out, create=True)
     start = time.perf_counter()
+    count = sum(_run_one(args, figure, seed, out, device, data_dir) for figure, seed in jobs)
+    figures = list(dict.fromkeys(f for f, _ in jobs))
+    seeds = sorted({s for _, s in jobs})
+    print(
+        f"{', '.join(figures)} ({args.scale}, seeds {','.join(map(str, seeds))}): {count} "
+        f"runs in {out}/runs ({time.perf_counter() - start:.1f} s); next: exactlr report "
+        f"FIG --scale {args.scale} --out {out}"
+        + (f" --seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else "")
+    )
+    return 0
+
+
+def _run_one(
+    args: argparse.Namespace,
+    figure: str,
+    seed: int,
+    out: Path,
+    device: torch.device,
+    data_dir: str | None,
+) -> int:
+    """Runs (or resumes) one figure at one base seed; returns its number of runs."""
+    runner = _ray_runner(args)
     try:
         paths = run_figure(
-            args.figure,
+            figure,
             scale=args.scale,
             out_dir=out,
             device=device,
-            seed=args.seed,
+            seed=seed,
             data_dir=data_dir,
             progress=not args.quiet,
             epochs=args.epochs,
@@ -174,12 +227,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         if runner is not None:
             runner.close()
-    print(
-        f"{args.figure} ({args.scale}): {len(paths)} runs in {out}/runs "
-        f"({time.perf_counter() - start:.1f} s); next: exactlr report {args.figure} "
-        f"--scale {args.scale} --out {out}"
-    )
-    return 0
+    return len(paths)
+
+
+def _scale_of(args: argparse.Namespace, out: Path) -> str:
+    """``--scale``, else the one scale of the figure's results in ``out``."""
+    if args.scale is None:
+        try:
+            args.scale = pick_scale(out, args.figure)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    return args.scale
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -188,6 +246,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     _check_figure(args.figure, args.scale)
     out = _out_dir(args.out)
+    _scale_of(args, out)
     _no_results(args.figure, args.scale, out)
     paths = plot_figure(args.figure, out_dir=out, scale=args.scale)
     with contextlib.suppress(FileNotFoundError):  # runs made elsewhere may lack the cache
@@ -199,10 +258,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_report(figure: str, scale: str, out: Path) -> tuple[dict, str, Path]:
-    report = figure_report(figure, out_dir=out, scale=scale)
+def _write_report(figure: str, scale: str, out: Path, seed: int = 0) -> tuple[dict, str, Path]:
+    report = figure_report(figure, out_dir=out, scale=scale, seed=seed)
     text = format_markdown(report)
-    md_path = report_path(out, figure, scale)
+    md_path = report_path(out, figure, scale, seed)
     write_text_atomic(md_path, text)
     write_json_atomic(md_path.with_suffix(".json"), report)
     return report, text, md_path
@@ -211,8 +270,17 @@ def _write_report(figure: str, scale: str, out: Path) -> tuple[dict, str, Path]:
 def _cmd_report(args: argparse.Namespace) -> int:
     _check_figure(args.figure, args.scale)
     out = _out_dir(args.out)
-    _no_results(args.figure, args.scale, out)
-    report, text, _ = _write_report(args.figure, args.scale, out)
+    _scale_of(args, out)
+    if args.seeds is not None and args.seeds != (0,):
+        for seed in args.seeds:
+            _no_results(args.figure, args.scale, out, seed, args.seeds)
+            _write_report(args.figure, args.scale, out, seed)
+        report, text = write_seeds_report(
+            args.figure, out_dir=out, scale=args.scale, seeds=args.seeds
+        )
+    else:
+        _no_results(args.figure, args.scale, out)
+        report, text, _ = _write_report(args.figure, args.scale, out)
     if args.format == "json":
         print(json.dumps(report, indent=2, allow_nan=False))
     else:
@@ -312,6 +380,12 @@ def _add_lr_command(sub: Any) -> None:
         default=None,
         help="adaptive stop after this many samples without growth",
     )
+    lr.add_argument(
+        "--parallel",
+        default="data",
+        choices=["data", "samples"],
+        help="under torchrun: split the data over the processes, or the weight samples",
+    )
     lr.add_argument("--json", action="store_true", help="machine-readable output")
     add_common_data_args(lr)
     lr.add_argument(
@@ -352,9 +426,35 @@ def _add_run_command(sub: Any) -> None:
     """``exactlr run``."""
     scales = "smoke (seconds, plumbing only), cpu (reduced, laptop) or paper (full size)"
     run = sub.add_parser("run", help="run (or resume) the runs of one of the paper's figures")
-    run.add_argument("figure", help="fig1 .. fig16, init or demo (see `exactlr list`)")
+    run.add_argument(
+        "figure",
+        help="fig1 .. fig16, init or demo (see `exactlr list`); all: every figure, with "
+        "fig1 and fig6 also on seeds 1 and 2 (its time is estimated first)",
+    )
     run.add_argument("--scale", default="cpu", help=scales)
     run.add_argument("--out", default="results", help="results folder (default: results)")
+    run.add_argument(
+        "--seeds",
+        type=seeds_arg,
+        default=None,
+        metavar="LIST",
+        help="base seeds, e.g. 0,1,2: the figure once per seed, each drawing its own data "
+        "subset and w0 (default: --seed); `exactlr report --seeds` aggregates them",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the runs and the estimated time (what OUT already holds counts as "
+        "done), run nothing",
+    )
+    run.add_argument(
+        "--speed",
+        type=speed_arg,
+        default=None,
+        metavar="X|auto",
+        help="for the estimate: how many times faster this device is than the reference "
+        "machine (2 CPU cores); auto: measure it (default on a GPU; else 1)",
+    )
     run.add_argument("--epochs", type=epochs_arg, default=None, help=argparse.SUPPRESS)
     run.add_argument(
         "--checkpoint-every",
@@ -410,17 +510,27 @@ def _add_run_command(sub: Any) -> None:
 def _add_other_commands(sub: Any) -> None:
     """``exactlr plot``, ``report``, ``list`` and ``demo``."""
     scales = "smoke (seconds, plumbing only), cpu (reduced, laptop) or paper (full size)"
+    scales += "; default: the one scale OUT holds"
     plot = sub.add_parser("plot", help="draw a figure from its result files")
     plot.add_argument("figure")
     plot.add_argument("--out", default="results", help="results folder (default: results)")
-    plot.add_argument("--scale", default="cpu", help=scales)
+    plot.add_argument("--scale", default=None, help=scales)
     plot.set_defaults(func=_cmd_plot)
 
     report = sub.add_parser("report", help="verdict table of a figure from its result files")
     report.add_argument("figure")
     report.add_argument("--out", default="results", help="results folder (default: results)")
-    report.add_argument("--scale", default="cpu", help=scales)
+    report.add_argument("--scale", default=None, help=scales)
     report.add_argument("--format", default="md", choices=["md", "json"])
+    report.add_argument(
+        "--seeds",
+        type=seeds_arg,
+        default=None,
+        metavar="LIST",
+        help="base seeds to aggregate, e.g. 0,1,2 (median and range of each method's "
+        "final gradient norm, how often ours ends lowest; also written as "
+        "reports/FIG-SCALE-seeds.md); default: seed 0 alone",
+    )
     report.set_defaults(func=_cmd_report)
 
     lister = sub.add_parser("list", help="the figures and scales")
@@ -490,7 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with handle_signals():
             parser = build_parser()
             args = parser.parse_args(argv)
-            with keep_freed_memory(), _messages():
+            lr = args.func is _cmd_lr
+            with keep_freed_memory(), _messages(), torchrun_session(enabled=lr):
                 return int(args.func(args) or 0)
     except (UsageError, ValueError, OverflowError) as e:
         # One line: multi-line messages (e.g. the list of searched paths) are joined.

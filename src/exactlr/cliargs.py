@@ -16,6 +16,7 @@ from typing import NoReturn
 import torch
 
 from exactlr.paper.planning import parse_methods
+from exactlr.paper.seeds import parse_seeds
 
 EXIT_USAGE = 2
 
@@ -123,6 +124,26 @@ def positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
+
+
+def seeds_arg(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated base seeds (``0,1,2``)."""
+    try:
+        return parse_seeds(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def speed_arg(text: str) -> float | str:
+    """argparse type: ``auto`` (calibrate on the device) or a positive number."""
+    if text == "auto":
+        return text
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or a positive number, got {text!r}"
+        ) from None
 
 
 def share_arg(text: str) -> float:

@@ -29,6 +29,7 @@ from torch import nn
 
 from exactlr.check import CheckReport, check_step_size
 from exactlr.curvature import SpectralOptions, full_loss, materialize_batches
+from exactlr.curvature.distributed import is_rank_zero, shard_batches
 from exactlr.data import load_dataset, make_batches
 from exactlr.models import build_model
 from exactlr.smoothness import SmoothnessEstimate
@@ -285,10 +286,14 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
             def make_model() -> nn.Module:
                 return factory().to(device)
 
+        # Under torchrun: this process's share of the data (all of it with --parallel samples).
+        shard = inputs.batches
+        if args.parallel == "data":
+            shard = shard_batches(inputs.batches, inputs.model)
         suggestion = suggest_lr(
             inputs.model,
             F.cross_entropy,
-            inputs.batches,
+            shard,
             total_steps=args.epochs * len(inputs.batches),
             make_model=make_model,
             num_samples=args.samples,
@@ -298,8 +303,9 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
             variant=args.variant,
             patience=args.patience,
             options=SpectralOptions(method=args.method, tol=args.tol, subsample=args.subsample),
+            parallel=args.parallel,
         )
-    if args.plot is not None:
+    if args.plot is not None and is_rank_zero():
         plot_samples(suggestion, args.plot)
     if args.json:
         _print_json(suggestion, inputs, args)

@@ -26,6 +26,7 @@ Global RNG state is never changed: each sample's weights are drawn inside
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from exactlr.curvature import (
@@ -41,6 +43,15 @@ from exactlr.curvature import (
     hessian_spectral_norm,
     hessian_spectral_norms,
     materialize_batches,
+)
+from exactlr.curvature.distributed import (
+    PARALLEL_MODES,
+    all_or_none,
+    gather_objects,
+    passed_on,
+    rank_share,
+    resolve_group,
+    same_on_all_ranks,
 )
 from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
 from exactlr.sampling import draw_model
@@ -145,22 +156,28 @@ def _evaluate_one(
     seed: int,
     options: SpectralOptions,
     ceiling: float | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> _Evaluation:
     """``||H(w)||_2`` of one sample (max over batches for ``"minibatch"``).
 
     ``ceiling``: the running maximum so far; a solver run may stop once its norm is
     certified to be at most it (or the sample's best batch so far), since it cannot
     change K_hat then.
+
+    With a process group, ``data`` is this rank's shard: ``"full"`` takes data-parallel
+    products; ``"minibatch"`` evaluates this rank's batches alone and takes the max over
+    the ranks (:func:`_best_over_ranks`).
     """
     groups = [[b] for b in data] if variant == "minibatch" else [data]
+    products_group = passed_on(group if variant == "full" else None)
     best = None
     hvps, sub_hvps, converged, loss = 0, 0, True, -math.inf
     solver_gen = torch.Generator().manual_seed(seed)
-    for group in groups:
+    for part in groups:
         res = hessian_spectral_norm(
             model,
             objective.loss_fn,
-            group,
+            part,
             loss=objective.loss,
             batch_size=objective.batch_size,
             check_labels=objective.check_labels,
@@ -175,6 +192,7 @@ def _evaluate_one(
             target=options.target or "both",
             rewrite=options.rewrite,
             ceiling=_ceiling(ceiling, best.value if best is not None else None, options),
+            process_group=products_group,
         )
         hvps += res.num_hvps
         sub_hvps += res.subsample_hvps
@@ -183,7 +201,7 @@ def _evaluate_one(
         if best is None or res.value > best.value:
             best = res
     assert best is not None
-    return _Evaluation(
+    evaluation = _Evaluation(
         best.value,
         best.lambda_max,
         best.lambda_min,
@@ -192,6 +210,22 @@ def _evaluate_one(
         loss,
         sub_hvps,
         best.certified,
+    )
+    if variant == "minibatch" and group is not None:
+        return _best_over_ranks(evaluation, group)
+    return evaluation
+
+
+def _best_over_ranks(evaluation: _Evaluation, group: dist.ProcessGroup) -> _Evaluation:
+    """The max-norm rank's evaluation, with the products and convergence of all ranks."""
+    everyone = gather_objects(evaluation, group)
+    best = max(everyone, key=lambda ev: ev.value)  # the first rank on ties, alike everywhere
+    return dataclasses.replace(
+        best,
+        num_hvps=sum(ev.num_hvps for ev in everyone),
+        subsample_hvps=sum(ev.subsample_hvps for ev in everyone),
+        converged=all(ev.converged for ev in everyone),
+        loss=max(ev.loss for ev in everyone),
     )
 
 
@@ -212,6 +246,7 @@ def _evaluate_group(
     *,
     seeds: list[int],
     options: SpectralOptions,
+    group: dist.ProcessGroup | None = None,
 ) -> list[_Evaluation]:
     """``||H(w_s)||_2`` of several samples at once (stacked weights, batched Lanczos).
 
@@ -233,6 +268,7 @@ def _evaluate_group(
         hvp_mode=options.hvp_mode,
         target=options.target or "both",
         rewrite=options.rewrite,
+        process_group=passed_on(group),
     )
     return [
         _Evaluation(
@@ -240,6 +276,51 @@ def _evaluate_group(
         )
         for r in results
     ]
+
+
+def _evaluate_samples(
+    make_model: Callable[[], nn.Module],
+    objective: Objective,
+    data: list[Any],
+    seeds: list[int],
+    *,
+    device: torch.device | str | None,
+    variant: str,
+    options: SpectralOptions,
+    group: dist.ProcessGroup | None,
+    ceiling: float | None = None,
+) -> list[_Evaluation]:
+    """The samples drawn with ``seeds``: stacked if several, else one (none: ``[]``).
+
+    ``ceiling``: the running maximum so far (see :func:`_evaluate_one`).
+    """
+    if not seeds:
+        return []
+    models = _draw_models(make_model, seeds, device)
+    if len(seeds) > 1:
+        return _evaluate_group(models, objective, data, seeds=seeds, options=options, group=group)
+    one = _evaluate_one(
+        models[0],
+        objective,
+        data,
+        variant=variant,
+        seed=seeds[0],
+        options=options,
+        ceiling=ceiling,
+        group=group,
+    )
+    return [one]
+
+
+def _check_same_batch_counts(count: int, group: dist.ProcessGroup) -> None:
+    """``parallel="samples"`` needs all the data on every rank: equal batch counts."""
+    counts = gather_objects(count, group)
+    if any(c != counts[0] for c in counts):
+        raise ValueError(
+            f"parallel='samples' needs all the data on every rank, but the ranks hold "
+            f"{counts} batches; pass the same batches everywhere, or use parallel='data' "
+            "for sharded data"
+        )
 
 
 def _can_batch(variant: str, options: SpectralOptions, objective: Objective) -> bool:
@@ -254,9 +335,16 @@ def _can_batch(variant: str, options: SpectralOptions, objective: Objective) -> 
 
 
 def _check_arguments(
-    num_samples: int, variant: str, patience: int | None, rel_tol: float, sample_batch: int
+    num_samples: int,
+    variant: str,
+    patience: int | None,
+    rel_tol: float,
+    sample_batch: int,
+    parallel: str = "data",
 ) -> None:
     """Raise ValueError naming the first bad argument of :func:`estimate_smoothness`."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL_MODES}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples=}")
     if variant not in VARIANTS:
@@ -319,13 +407,19 @@ class _Trace:
         self.discarded = 0
 
     def extend(
-        self, first: int, seeds: list[int], evaluations: list[_Evaluation], seconds: float
+        self,
+        first: int,
+        seeds: list[int],
+        evaluations: list[_Evaluation],
+        seconds: float | list[float],
     ) -> bool:
         """Record a group's samples in order; True once the adaptive stop has fired.
 
-        The group's samples after the stopping one are counted in ``discarded``.
+        ``seconds``: each sample's wall time (one value: the same for all). The group's
+        samples after the stopping one are counted in ``discarded``.
         """
-        for offset, (seed, ev) in enumerate(zip(seeds, evaluations, strict=True)):
+        times = seconds if isinstance(seconds, list) else [seconds] * len(seeds)
+        for offset, (seed, ev, sec) in enumerate(zip(seeds, evaluations, times, strict=True)):
             index = first + offset
             self.records.append(
                 SampleRecord(
@@ -334,7 +428,7 @@ class _Trace:
                     lambda_max=ev.lambda_max,
                     lambda_min=ev.lambda_min,
                     num_hvps=ev.num_hvps,
-                    seconds=seconds,
+                    seconds=sec,
                     converged=ev.converged,
                     seed=int(seed),
                     loss=ev.loss,
@@ -392,6 +486,8 @@ def estimate_smoothness(
     progress: bool = False,
     sample_batch: int = 1,
     options: SpectralOptions | None = None,
+    process_group: dist.ProcessGroup | bool | None = None,
+    parallel: str = "data",
     **option_keywords: Any,
 ) -> SmoothnessEstimate:
     """Algorithm 2: ``K_hat = max_j ||H(w_j)||_2`` over fresh initialisations ``w_j``.
@@ -429,6 +525,19 @@ def estimate_smoothness(
             are evaluated one by one (as with 1). Default 1: one at a time.
         options: How each spectral norm is computed
             (:class:`~exactlr.curvature.SpectralOptions`); default: its defaults.
+        process_group: Several processes (:mod:`exactlr.curvature.distributed`): a
+            ``ProcessGroup``; None: the default group when ``torch.distributed`` is
+            initialised (``torchrun``), else one process; False: one process. Every rank
+            gets the same result (seeds and start vectors are rank 0's).
+        parallel: How the processes share the work. ``"data"``: ``batches`` is this
+            rank's shard; each product is all-reduced over the ranks (one all-reduce of
+            the parameter count), every rank evaluates every sample; the choice when the
+            data do not fit one rank or a sample is slow. ``"samples"``: ``batches`` is
+            all the data on every rank; each rank evaluates whole samples (rounds of
+            ``sample_batch`` per rank) with no communication inside them, and the
+            records are gathered (the adaptive stop is checked in order after each
+            round, later samples of the round discarded); the choice when the data fit
+            one rank and there are at least as many samples as ranks.
         **option_keywords: Single options by name, replacing those of ``options``
             (``method``, ``tol``, ``max_iters``, ``hvp_mode``, ``subsample``,
             ``subsample_tol``, ``target``, ``rewrite``, ``check_labels``,
@@ -456,43 +565,54 @@ def estimate_smoothness(
         >>> est.k_hat == max(est.samples)
         True
     """
-    _check_arguments(num_samples, variant, patience, rel_tol, sample_batch)
+    _check_arguments(num_samples, variant, patience, rel_tol, sample_batch, parallel)
     opts = smoothness_options(options, **option_keywords)
     objective = Objective(loss_fn, loss, batch_size, opts.check_labels)
+    group = resolve_group(process_group)
     group_size = sample_batch if _can_batch(variant, opts, objective) else 1
-    data = materialize_batches(
-        batches, torch.device(device) if device is not None else None, pairs=objective.pairs
-    )
+    with all_or_none(group):  # a rank's bad batches stop every rank
+        data = materialize_batches(
+            batches, torch.device(device) if device is not None else None, pairs=objective.pairs
+        )
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    seeds = torch.randint(0, 2**62, (num_samples,), generator=generator).tolist()
+    seeds = torch.randint(0, 2**62, (num_samples,), generator=generator)
+    seeds = same_on_all_ranks(seeds, group).tolist()
+    split = group if parallel == "samples" else None  # the group the samples are split over
+    if split is not None:
+        _check_same_batch_counts(len(data), split)
+    per_round = group_size * (dist.get_world_size(split) if split is not None else 1)
     bar = None
-    if progress and tqdm is not None:
+    if progress and tqdm is not None and (group is None or dist.get_rank(group) == 0):
         bar = tqdm(total=num_samples, desc="K_hat samples", unit="sample")
     trace = _Trace(num_samples, patience, rel_tol, bar)
+    evaluate = functools.partial(
+        _evaluate_samples,
+        make_model,
+        objective,
+        data,
+        device=device,
+        variant=variant,
+        options=opts,
+        group=None if split is not None else group,
+    )
     try:
-        for first in range(0, num_samples, group_size):
-            chunk = seeds[first : first + group_size]
+        for first in range(0, num_samples, per_round):
+            chunk = seeds[first : first + per_round]
+            mine = chunk if split is None else rank_share(chunk, group_size, split)
             start = time.perf_counter()
-            models = _draw_models(make_model, chunk, device)
-            # The determinism probe is about the architecture: the first group is enough.
-            group_opts = opts if first == 0 else dataclasses.replace(opts, check_determinism=False)
-            if len(chunk) > 1:
-                evaluations = _evaluate_group(
-                    models, objective, data, seeds=chunk, options=group_opts
-                )
-            else:
-                one = _evaluate_one(
-                    models[0],
-                    objective,
-                    data,
-                    variant=variant,
-                    seed=chunk[0],
-                    options=group_opts,
-                    ceiling=trace.running[-1] if trace.running else None,
-                )
-                evaluations = [one]
-            seconds = (time.perf_counter() - start) / len(chunk)
+            # The determinism probe is about the architecture: the first round is enough.
+            round_opts = opts if first == 0 else dataclasses.replace(opts, check_determinism=False)
+            evaluations = evaluate(
+                mine,
+                options=round_opts,
+                ceiling=trace.running[-1] if trace.running else None,
+            )
+            seconds = [(time.perf_counter() - start) / max(1, len(mine))] * len(mine)
+            if split is not None:  # every rank's samples, in draw order
+                rounds = gather_objects((evaluations, seconds), split)
+                evaluations = [ev for evs, _ in rounds for ev in evs]
+                seconds = [sec for _, secs in rounds for sec in secs]
             if trace.extend(first, chunk, evaluations, seconds):
                 break
     finally:

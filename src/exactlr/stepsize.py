@@ -18,10 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from exactlr.check import CheckReport, check_step_size
 from exactlr.curvature import LossFn, SpectralOptions, full_loss, materialize_batches
+from exactlr.curvature.distributed import (
+    PARALLEL_MODES,
+    all_or_none,
+    passed_on,
+    resolve_group,
+)
 from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
 from exactlr.sampling import default_make_model
 from exactlr.smoothness import SmoothnessEstimate, estimate_smoothness, smoothness_options
@@ -147,6 +154,8 @@ def suggest_lr(
     sample_batch: int = 1,
     options: SpectralOptions | None = None,
     check_steps: int = 0,
+    process_group: dist.ProcessGroup | bool | None = None,
+    parallel: str = "data",
     **option_keywords: Any,
 ) -> LRSuggestion:
     """The paper's learning rate for training ``model`` with Adam for ``total_steps``.
@@ -179,7 +188,17 @@ def suggest_lr(
             suggested LR on a copy of ``model``, then the loss and Hessian norm at the
             end against ``L(w0)``, ``K_hat`` and ``2/lr``
             (:func:`exactlr.check.check_step_size`); the result's ``check`` and
-            ``warning`` carry it. Choose 10 or more (``docs/safety_check.md``).
+            ``warning`` carry it. Choose 10 or more (``docs/safety_check.md``). Not with
+            data-parallel products (its Adam steps would see one shard).
+        process_group: Several processes, e.g. every rank of a ``torchrun`` job
+            (:mod:`exactlr.curvature.distributed`); None: the default group when
+            ``torch.distributed`` is initialised, else one process; False: one process.
+            Every rank returns the same suggestion. The model must be the same on
+            every rank.
+        parallel: ``"data"``: ``batches`` is this rank's shard (e.g. a ``DataLoader``
+            with a ``DistributedSampler``), ``L(w0)`` and every product are all-reduced;
+            ``"samples"``: ``batches`` is all the data on every rank and the weight
+            samples are split over the ranks (see :func:`estimate_smoothness`).
         **option_keywords: Single spectral-norm options by name (``method``, ``tol``,
             ``max_iters``, ``hvp_mode``, ...), as in :func:`estimate_smoothness`.
 
@@ -209,12 +228,31 @@ def suggest_lr(
             f"check_steps must be an integer >= 0 (Adam steps of the safety check), "
             f"got {check_steps=}"
         )
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL_MODES}")
+    group = resolve_group(process_group)
+    if check_steps and group is not None and parallel == "data":
+        raise ValueError(
+            f"check_steps={check_steps} takes Adam steps on this process's batches, a shard "
+            "here; run the check in one process, or use parallel='samples' (all the data "
+            "on every rank)"
+        )
     params = list(model.parameters())
     objective = Objective(loss_fn, loss, batch_size)
-    data = materialize_batches(batches, params[0].device if params else None, pairs=objective.pairs)
+    with all_or_none(group):  # a rank's bad batches stop every rank
+        data = materialize_batches(
+            batches, params[0].device if params else None, pairs=objective.pairs
+        )
     opts = smoothness_options(options, **option_keywords)
+    sharded = group if parallel == "data" else None
     initial_loss = full_loss(
-        model, loss_fn, data, loss=loss, batch_size=batch_size, check_labels=opts.check_labels
+        model,
+        loss_fn,
+        data,
+        loss=loss,
+        batch_size=batch_size,
+        check_labels=opts.check_labels,
+        process_group=passed_on(sharded),
     )
     estimate = estimate_smoothness(
         make_model or default_make_model(model),
@@ -230,6 +268,8 @@ def suggest_lr(
         rel_tol=rel_tol,
         sample_batch=sample_batch,
         options=opts,
+        process_group=passed_on(group),
+        parallel=parallel,
     )
     lr = exact_step_size(initial_loss, estimate.k_hat, total_steps)
     check = None

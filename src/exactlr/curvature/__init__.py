@@ -26,8 +26,12 @@ Modules (each imports only those above it):
 - :mod:`~exactlr.curvature.operators`: :class:`HessianOperator` (attention on the math
   kernel, ops without a needed derivative named); :mod:`~exactlr.curvature.stacked`:
   :class:`StackedHessianOperator` (S weight samples, one vmapped product).
+- :mod:`~exactlr.curvature.distributed`: data-parallel products on
+  :mod:`torch.distributed` (each rank a shard of the batches, one ``all_reduce`` per
+  product), the ranks' agreement checks, one error on every rank.
 - :mod:`~exactlr.curvature.spectral`: :class:`SpectralOptions`,
-  :func:`hessian_spectral_norm`, :func:`hessian_spectral_norms`, :func:`full_loss`.
+  :func:`hessian_spectral_norm`, :func:`hessian_spectral_norms`, :func:`full_loss`
+  (each with ``process_group=``).
 
 The curvature is that of the loss *as training computes it*, made deterministic:
 BatchNorm uses batch statistics and never updates its running statistics here; every

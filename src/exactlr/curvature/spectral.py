@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from exactlr.curvature.batches import (
@@ -26,6 +27,14 @@ from exactlr.curvature.batches import (
     module_device_dtype,
     subsample_batches,
     training_loss_mode,
+)
+from exactlr.curvature.distributed import (
+    DataParallelOperator,
+    all_or_none,
+    data_parallel,
+    resolve_group,
+    same_on_all_ranks,
+    shared_start,
 )
 from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
 from exactlr.curvature.operators import HessianOperator
@@ -202,6 +211,7 @@ def hessian_spectral_norm(
     check_labels: bool = True,
     check_determinism: bool = True,
     ceiling: float | None = None,
+    process_group: dist.ProcessGroup | bool | None = None,
 ) -> SpectralNormResult:
     """Spectral norm of the Hessian of the full-data loss at the model's weights.
 
@@ -258,6 +268,11 @@ def hessian_spectral_norm(
         ceiling: Stop as soon as ``value`` is certified to be at most ``ceiling``
             (``certified="ceiling"``; Lanczos only): Algorithm 2 passes its running
             maximum, which a sample below it cannot change. None: no such stop.
+        process_group: Data-parallel products (:mod:`exactlr.curvature.distributed`):
+            ``batches`` is this rank's shard, and the loss, the products and so the
+            result are those of the data of all ranks, identical on every rank. None:
+            the default group when ``torch.distributed`` is initialised (``torchrun``),
+            else one process; False: one process.
 
     Returns:
         A :class:`SpectralNormResult`.
@@ -303,18 +318,22 @@ def hessian_spectral_norm(
     if ceiling is not None and not (method == "lanczos" and ceiling >= 0):
         raise ValueError(f"ceiling must be None or >= 0 with method='lanczos', got {ceiling=}")
     objective = Objective(loss_fn, loss, batch_size, check_labels)
+    group = resolve_group(process_group)
     start = time.perf_counter()
     device, _ = module_device_dtype(model)
-    data = materialize_batches(batches, device, pairs=objective.pairs)
     with training_loss_mode(model):
-        op = HessianOperator(
-            model, objective=objective, batches=data, hvp_mode=hvp_mode, rewrite=rewrite
-        )
-        try:
+        with all_or_none(group):  # a rank's bad shard stops every rank
+            data = materialize_batches(batches, device, pairs=objective.pairs)
+            op = HessianOperator(
+                model, objective=objective, batches=data, hvp_mode=hvp_mode, rewrite=rewrite
+            )
             value = op.loss()
             v0 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
-            if check_determinism:
+            if check_determinism:  # local: before any product is all-reduced
                 op.check_deterministic(v0, torch.tensor([value], dtype=torch.float64))
+        op, value = data_parallel(op, value, group)
+        v0 = shared_start(op, v0)
+        try:
             subsample_hvps = 0
             if subsample is not None:
                 v0, subsample_hvps = _subsample_start(op, v0, options, generator)
@@ -355,13 +374,14 @@ def _solve(
     if options.method == "lanczos":
         if target == "both":
             z = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
-            v0 = torch.stack([v0, z])
+            v0 = torch.stack([v0, shared_start(op, z)])
         return lanczos(op, v0, max_iters=max_iters, tol=tol, target=target, ceiling=ceiling)
     first = power_iteration_result(op, v0, max_iters=max_iters, tol=tol)
     lam = first.lambda_max
     # The opposite end of the spectrum is the dominant eigenvalue of H - lam I; its
     # residual there is the residual of H at mu + lam, stopped relative to |lam|.
     v1 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
+    v1 = shared_start(op, v1)
     second = power_iteration_result(
         lambda v: op(v) - lam * v, v1, max_iters=max_iters, tol=tol, scale=abs(lam)
     )
@@ -392,6 +412,8 @@ def _subsample_start(
     sub = HessianOperator(
         op.model, objective=op.objective, batches=data, hvp_mode=op.hvp_mode, rewrite=op.rewrite
     )
+    if isinstance(op, DataParallelOperator):  # every rank's subsample, weighted by size
+        sub, _ = data_parallel(sub, 0.0, op.group)
     try:
         res = lanczos(
             sub,
@@ -427,6 +449,7 @@ def hessian_spectral_norms(
     rewrite: bool = True,
     check_labels: bool = True,
     check_determinism: bool = True,
+    process_group: dist.ProcessGroup | bool | None = None,
 ) -> list[SpectralNormResult]:
     """:func:`hessian_spectral_norm` (Lanczos) of S models of one architecture at once.
 
@@ -460,6 +483,7 @@ def hessian_spectral_norms(
             :class:`~exactlr.curvature.operators.HessianOperator`).
         check_labels, check_determinism: As for :func:`hessian_spectral_norm` (the
             probe evaluates the whole stack twice).
+        process_group: Data-parallel products, as in :func:`hessian_spectral_norm`.
 
     Returns:
         One :class:`SpectralNormResult` per model, in order. ``seconds`` is the wall time
@@ -483,20 +507,23 @@ def hessian_spectral_norms(
             "hessian_spectral_norms stacks models with vmap, which takes loss_fn on "
             "(inputs, targets) batches only; with loss=, call hessian_spectral_norm per model"
         )
+    group = resolve_group(process_group)
     device, _ = module_device_dtype(models[0])
-    data = materialize_batches(batches, device, pairs=objective.pairs)
-    op = StackedHessianOperator.from_models(
-        models, objective=objective, batches=data, hvp_mode=hvp_mode, rewrite=rewrite
-    )
-    losses = op.losses()
-    gens = list(generators) if generators is not None else [None] * len(models)
-    v0 = torch.stack(
-        [random_unit_vector(op.dim, generator=g, dtype=op.dtype, device=op.device) for g in gens]
-    )
+    with all_or_none(group):  # a rank's bad shard stops every rank
+        data = materialize_batches(batches, device, pairs=objective.pairs)
+        op = StackedHessianOperator.from_models(
+            models, objective=objective, batches=data, hvp_mode=hvp_mode, rewrite=rewrite
+        )
+        losses = op.losses()
+        gens = list(generators) if generators is not None else [None] * len(models)
+        draws = [random_unit_vector(op.dim, generator=g, dtype=op.dtype) for g in gens]
+        v0 = torch.stack(draws).to(op.device)
+        if check_determinism:  # local: before any product is all-reduced
+            op.check_deterministic(v0, torch.tensor(losses, dtype=torch.float64))
+    op, losses = data_parallel(op, losses, group)
+    v0 = same_on_all_ranks(v0, group)
     products = _ActiveProducts(op)
     try:
-        if check_determinism:
-            op.check_deterministic(v0, torch.tensor(losses, dtype=torch.float64))
         results = lanczos_batched(products, v0, max_iters=max_iters, tol=tol, target=target)
     finally:
         products.release()
@@ -565,21 +592,27 @@ def full_loss(
     loss: ModelLoss | None = None,
     batch_size: BatchSize | None = None,
     check_labels: bool = True,
+    process_group: dist.ProcessGroup | bool | None = None,
 ) -> float:
     """The size-weighted mean loss over ``batches`` as training computes it, without grad.
 
     The loss is given as for :func:`hessian_spectral_norm` (``loss_fn`` on pairs, or
     ``loss``). The model is left unchanged (see
-    :func:`~exactlr.curvature.batches.training_loss_mode`).
+    :func:`~exactlr.curvature.batches.training_loss_mode`). With a process group (see
+    :func:`hessian_spectral_norm`), ``batches`` is this rank's shard and the result the
+    loss over the data of all ranks.
 
     Raises:
         ValueError: Empty batches, bad labels, or a non-finite loss.
     """
     objective = Objective(loss_fn, loss, batch_size, check_labels)
+    group = resolve_group(process_group)
     device, _ = module_device_dtype(model)
-    data = materialize_batches(batches, device, pairs=objective.pairs)
     with training_loss_mode(model):
-        op = HessianOperator(
-            model, objective=objective, batches=data, hvp_mode="forward", rewrite=False
-        )
-        return op.loss()
+        with all_or_none(group):
+            data = materialize_batches(batches, device, pairs=objective.pairs)
+            op = HessianOperator(
+                model, objective=objective, batches=data, hvp_mode="forward", rewrite=False
+            )
+            value = op.loss()
+        return data_parallel(op, value, group)[1]

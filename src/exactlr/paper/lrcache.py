@@ -65,6 +65,7 @@ class LRKey:
     epochs: int | None
     seed: int
     num_samples: int | None
+    data_seed: int = 0
 
     @classmethod
     def of(cls, cfg: TrainConfig, num_samples: int) -> LRKey:
@@ -81,6 +82,7 @@ class LRKey:
             epochs=cfg.epochs,
             seed=cfg.seed,
             num_samples=num_samples,
+            data_seed=cfg.data_seed,
         )
 
     def smoothness_key(self) -> LRKey:
@@ -102,6 +104,8 @@ class LRKey:
         name += f"__seed{self.seed}"
         if self.num_samples is not None:
             name += f"__k{self.num_samples}"
+        if self.data_seed != 0:
+            name += f"__data{self.data_seed}"
         return name
 
     def to_dict(self) -> dict[str, Any]:

@@ -64,6 +64,43 @@ def _factor_line(kind: str, factor: float | None, best: str | None) -> str:
     return f"- Best {kind} ({best}) ends {1 / factor:.3g}x lower than ours (ours higher)"
 
 
+_TAIL_WORDS = {
+    "ours_lowest": "ours lowest of all",
+    "ours_below_best_scheduler": "ours below the best scheduler",
+    "ours_below_best_constant": "ours below the best constant LR",
+}
+
+
+def _tail_lines(t: dict[str, Any]) -> list[str]:
+    """Plain words for :func:`exactlr.paper.robust.tail_verdicts` / ``tail_summary``."""
+    if "rows_disagree" in t:
+        if not t["rows_compared"]:
+            return []
+        rows = ", ".join(str(i + 1) for i in t["rows_disagree"]) or "none"
+        return [
+            f"- By the median of the last 10% of epochs, ours is lowest in "
+            f"{t['rows_ours_lowest']} of {t['rows_compared']} rows; rows where it and the "
+            f"final value disagree: {rows}"
+        ]
+    if not t:
+        return []
+    judged = {name: t[name] for name in _TAIL_WORDS if t.get(name)}
+    if not judged:
+        return []
+    k = t["tail_epochs"]
+    if not t.get("disagree"):
+        return [f"- By the median of the last {k} epoch(s): the same verdicts"]
+    lines = []
+    for name in t["disagree"]:
+        v = judged[name]
+        lines.append(
+            f"- **Final value and median of the last {k} epoch(s) disagree** on "
+            f"{_TAIL_WORDS[name]}: {_yes_no(v['final'])} by the final value, "
+            f"{_yes_no(v['tail'])} by the median (lowest other: {v['best_tail']})"
+        )
+    return lines
+
+
 def _verdict_lines(v: dict[str, Any]) -> list[str]:
     lines = []
     lowest = v.get("ours_lowest_final_grad_norm")
@@ -112,6 +149,7 @@ def _verdict_lines(v: dict[str, Any]) -> list[str]:
             "- Larger batches end with lower gradient norms: "
             f"{_yes_no(v['larger_batch_lower_final_grad_norm'])}"
         )
+    lines += _tail_lines(v.get("tail") or {})
     diverged = v.get("diverged") or []
     epochs = v.get("diverged_epochs") or []
     if len(epochs) == len(diverged):
@@ -130,10 +168,11 @@ def format_markdown(report: dict[str, Any]) -> str:
     if report.get("scale_description"):
         out += [f"Scale `{report['scale']}`: {report['scale_description']}.", ""]
     header = (
-        "| Method | LR | final grad norm | min grad norm | final full grad norm "
+        "| Method | LR | final grad norm | last-10% median | min grad norm "
+        "| final full grad norm "
         "| final loss | test acc | diverged | cost (grads) | cost (s) | Gamma<0 |"
     )
-    rule = "|---|---|---|---|---|---|---|---|---|---|---|"
+    rule = "|---|---|---|---|---|---|---|---|---|---|---|---|"
     for block in report["variations"]:
         if block["variation"]:
             out += [f"## {block['variation']}", ""]
@@ -151,7 +190,8 @@ def format_markdown(report: dict[str, Any]) -> str:
             div = "-" if m["diverged_at"] is None else f"diverged at epoch {m['diverged_at']}"
             out.append(
                 f"| {m['legend']} | {_g(m['lr'])} | {_g(m['final_grad_norm'])} "
-                f"| {_g(m['min_grad_norm'])} | {_g(m['final_grad_norm_full'])} "
+                f"| {_g(m.get('tail_median_grad_norm'))} | {_g(m['min_grad_norm'])} "
+                f"| {_g(m['final_grad_norm_full'])} "
                 f"| {_g(m['final_loss'])} | {_acc(m['final_test_acc'])} | {div} "
                 f"| {_g(m.get('cost_gradients'))} | {_g(m.get('cost_seconds'))} "
                 f"| {_pct(m.get('gamma_neg_frac'))} |"
@@ -168,7 +208,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     hvp = report.get("hvp_gradients", 2.0)
     out.append(
         "Gradient norms are the paper's (sqrt of the mean squared mini-batch gradient norm "
-        "over the epoch); 'full' is the exact full-data gradient norm at the epoch's end. "
+        "over the epoch); 'last-10% median': their median over the last 10% of epochs; "
+        "'full' is the exact full-data gradient norm at the epoch's end. "
         "Cost: gradient-equivalents (one = a gradient over the whole training set; an "
         f"epoch costs one; a Hessian-vector product counts as {hvp:g}) spent on "
         "training, estimating K_hat (ours) and searching (LR finder, tuning), and the "

@@ -13,6 +13,10 @@ figure (per variation) and plain verdicts on the paper's claims:
   scheduler is lower by 1/factor. None without schedulers, or when it is not finite.
 * ``factor_to_best_constant``: the same over the constant LRs 1e-1..1e-5 (ours x2 and
   ours /2 excluded).
+* ``tail``: the claim-1 and claim-3 verdicts again by the median of the gradient norm
+  over the last 10% of epochs (``tail_median_grad_norm`` of each method;
+  :mod:`exactlr.paper.robust`), with ``disagree`` naming those where it and the final
+  value differ.
 * ``lr_0.1_jerks``: the number of epochs t >= 1 with ``gn[t] / gn[t-1] > 2`` for the
   constant LR 0.1 run (``gn`` = ``grad_norm``, epoch 0 = w0); ``ours_jerks`` is the same
   count for ours. None when the row has no LR 0.1 run.
@@ -50,6 +54,7 @@ from typing import Any
 
 from exactlr.paper.markdown import format_markdown
 from exactlr.paper.results import load_figure_runs
+from exactlr.paper.robust import tail_median, tail_summary, tail_verdicts
 from exactlr.paper.schedules import SCHEDULERS, MethodSpec
 from exactlr.paper.store import lr_cache_path, read_json
 
@@ -119,6 +124,7 @@ def _method_entry(run: dict[str, Any]) -> dict[str, Any]:
         "epochs": int(cfg["epochs"]),
         "epochs_done": len(grad) - 1,
         "final_grad_norm": grad[-1] if grad else math.nan,
+        "tail_median_grad_norm": tail_median(grad),
         "min_grad_norm": min(finite) if finite else math.nan,
         "final_grad_norm_full": float(metrics["grad_norm_full"][-1]) if grad else math.nan,
         "final_loss": float(metrics["train_loss"][-1]) if grad else math.nan,
@@ -380,6 +386,7 @@ def _row_block(
     search_runs = [m for m in all_methods if m["role"] == "tuned"]
     methods = paper_methods + extras + tuned
     verdicts = row_verdicts(paper_methods)
+    verdicts["tail"] = tail_verdicts(paper_methods)
     if extras or tuned:
         verdicts["beyond"] = beyond_verdicts(methods)
     series_all_ours = bool(methods) and all(m["role"] == "ours" for m in methods)
@@ -402,13 +409,16 @@ def _row_block(
     }
 
 
-def figure_report(name: str, *, out_dir: str | os.PathLike[str], scale: str) -> dict[str, Any]:
+def figure_report(
+    name: str, *, out_dir: str | os.PathLike[str], scale: str, seed: int = 0
+) -> dict[str, Any]:
     """Per-method numbers and verdicts of a figure, from its result files.
 
     Args:
         name: Figure name.
         out_dir: Results root given to ``run_figure``.
         scale: Scale name.
+        seed: Base seed of the runs (0: the figure as first run).
 
     Returns:
         A JSON-ready dict: ``figure``, ``title``, ``scale``, ``scale_description``,
@@ -428,7 +438,7 @@ def figure_report(name: str, *, out_dir: str | os.PathLike[str], scale: str) -> 
             match its manifest entry, or a manifest path leaves ``out_dir``.
     """
     root = Path(out_dir)
-    manifest, runs, missing = load_figure_runs(name, out_dir=root, scale=scale)
+    manifest, runs, missing = load_figure_runs(name, out_dir=root, scale=scale, seed=seed)
     if not runs:
         raise ValueError(
             f"no finished runs of {name} at scale {scale} in {root} ({len(missing)} planned, "
@@ -478,6 +488,7 @@ def _summarise(blocks: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "diverged": [d for b in blocks for d in b["verdicts"].get("diverged", [])],
         "diverged_epochs": [d for b in blocks for d in b["verdicts"].get("diverged_epochs", [])],
     }
+    summary["tail"] = tail_summary([b["verdicts"].get("tail") or {} for b in blocks])
     trend = values("larger_batch_lower_final_grad_norm")
     if trend:
         summary["larger_batch_lower_final_grad_norm"] = all(trend)

@@ -305,17 +305,18 @@ def load_results(out_dir: Path | str, *, strict: bool = True) -> list[dict[str, 
     return results
 
 
-def load_manifest(out_dir: Path | str, name: str, scale: str) -> dict[str, Any]:
-    """A figure's manifest (``out_dir/figures/<name>-<scale>.json``).
+def load_manifest(out_dir: Path | str, name: str, scale: str, seed: int = 0) -> dict[str, Any]:
+    """A figure's manifest (``out_dir/figures/<name>-<scale>[-seed<k>].json``).
 
     Raises:
         FileNotFoundError: The figure has not been run at this scale in ``out_dir``.
         ValueError: The manifest is not valid JSON or not an object with a list of runs.
     """
-    path = manifest_path(out_dir, name, scale)
+    path = manifest_path(out_dir, name, scale, seed)
     if not path.is_file():
+        seeded = f" with seed {seed}" if seed else ""
         raise FileNotFoundError(
-            f"no runs of {name} at scale {scale} in {out_dir} ({path} is missing)"
+            f"no runs of {name} at scale {scale}{seeded} in {out_dir} ({path} is missing)"
         )
     manifest = read_json(path, what="manifest")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("runs", []), list):
@@ -331,7 +332,7 @@ def _label(data: dict[str, Any]) -> str:
 
 
 def load_figure_runs(
-    name: str, *, out_dir: str | os.PathLike[str], scale: str
+    name: str, *, out_dir: str | os.PathLike[str], scale: str, seed: int = 0
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
     """The manifest of a figure, its loaded runs and the runs still missing.
 
@@ -339,6 +340,7 @@ def load_figure_runs(
         name: Figure name.
         out_dir: Results root given to ``run_figure``.
         scale: Scale name.
+        seed: Base seed of the runs (0: the figure as first run).
 
     Returns:
         ``(manifest, runs, missing)``: each run is the manifest entry merged with
@@ -350,8 +352,8 @@ def load_figure_runs(
         ValueError: A manifest or result file is corrupt.
     """
     root = Path(out_dir)
-    manifest = load_manifest(root, name, scale)
-    where = str(manifest_path(root, name, scale))
+    manifest = load_manifest(root, name, scale, seed)
+    where = str(manifest_path(root, name, scale, seed))
     runs: list[dict[str, Any]] = []
     missing: list[str] = []
     for entry in manifest.get("runs", []):

@@ -60,6 +60,9 @@ class TrainConfig:
     curvature_every: int = 0
     """Measure the Hessian spectral norm of the full training loss every this many epochs
     (metric `sharpness`, epoch 0 included); 0: never."""
+    data_seed: int = 0
+    """Seed of the data draw (which images form mini-MNIST / mini-CIFAR-10, or the
+    synthetic set); `seed` draws w0 and the batch order."""
 
     def run_name(self) -> str:
         """Deterministic, file-name-safe name, e.g. "mnist-mini__fc3x1000__ours__seed0".
@@ -67,8 +70,9 @@ class TrainConfig:
         Suffixes only for non-default settings: "__e{epochs}" (epochs != 100),
         "__b{batch_size}", "__eps{eps:g}" (eps != 1e-8), "__betas{b1:g}-{b2:g}" (betas
         != (0.9, 0.999)), "__n{num_train}", "__init-{init}" (init != "paper"),
-        "__curv{k}" (curvature_every = k > 0). Every field that determines the result
-        (besides w0) is in the name; the method's LR is part of its name.
+        "__curv{k}" (curvature_every = k > 0), "__data{k}" (data_seed = k != 0). Every
+        field that determines the result (besides w0) is in the name; the method's LR is
+        part of its name.
         """
         name = f"{self.dataset}-{self.subset}__{self.model}__{self.method.name}__seed{self.seed}"
         if self.epochs != 100:
@@ -85,6 +89,8 @@ class TrainConfig:
             name += f"__init-{self.init}"
         if self.curvature_every > 0:
             name += f"__curv{self.curvature_every}"
+        if self.data_seed != 0:
+            name += f"__data{self.data_seed}"
         return name
 
     def total_steps(self, num_samples: int) -> int:
@@ -100,14 +106,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (the method as a dict, betas as a list).
 
-        `curvature_every` is left out when 0, so that configs written before it existed
-        (and their checkpoint fingerprints) are unchanged.
+        `curvature_every` and `data_seed` are left out when 0, so that configs written
+        before they existed (and their checkpoint fingerprints) are unchanged.
         """
         data = asdict(self)
         data["method"] = self.method.to_dict()
         data["betas"] = list(self.betas)
-        if data["curvature_every"] == 0:
-            del data["curvature_every"]
+        for name in ("curvature_every", "data_seed"):
+            if data[name] == 0:
+                del data[name]
         return data
 
     @classmethod
@@ -167,6 +174,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"betas={cfg.betas} must be two values in [0, 1)")
     if cfg.subset not in ("mini", "full"):
         raise ValueError(f"subset={cfg.subset!r} must be 'mini' or 'full'")
+    if isinstance(cfg.data_seed, bool) or not isinstance(cfg.data_seed, int) or cfg.data_seed < 0:
+        raise ValueError(f"data_seed={cfg.data_seed!r} must be an integer >= 0")
     if not isinstance(cfg.curvature_every, int) or cfg.curvature_every < 0:
         raise ValueError(
             f"curvature_every={cfg.curvature_every!r} must be a non-negative integer "

@@ -49,10 +49,6 @@ __all__ = ["Runner", "default_checkpoint_every", "execute_run", "run_figure"]
 
 log = logging.getLogger("exactlr")
 
-# Seed of the mini-subset draws: the data set is fixed across weight seeds, as in the
-# paper (one mini-MNIST), so that seeds vary only w0 and the K_hat samples.
-DATA_SEED = 0
-
 
 class Runner(Protocol):
     """Does one planned run: called with :func:`execute_run`'s keyword arguments
@@ -74,8 +70,11 @@ def _load_data(
     cfg: TrainConfig, data_dir: str | os.PathLike[str] | None, scale: Scale
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """A run's training set (capped to ``num_train``: K_hat and L(w0) must see exactly
-    the training data) and test set (capped to the scale's ``num_test``)."""
-    train, test = load_dataset(cfg.dataset, subset=cfg.subset, data_dir=data_dir, seed=DATA_SEED)
+    the training data) and test set (capped to the scale's ``num_test``), drawn with the
+    run's ``data_seed``."""
+    train, test = load_dataset(
+        cfg.dataset, subset=cfg.subset, data_dir=data_dir, seed=cfg.data_seed
+    )
     return first_samples(train, cfg.num_train), first_samples(test, scale.num_test)
 
 
@@ -231,7 +230,7 @@ def _merge_previous(entries: list[dict[str, Any]], path: Path) -> None:
 def _write_manifest(
     out_dir: Path, spec: FigureSpec, scale: Scale, seed: int, plans: Sequence[PlannedRun]
 ) -> Path:
-    path = manifest_path(out_dir, spec.name, scale)
+    path = manifest_path(out_dir, spec.name, scale, seed)
     entries = [_manifest_entry(p, out_dir) for p in plans]
     _merge_previous(entries, path)
     write_json_atomic(
@@ -286,7 +285,7 @@ class _Inputs:
 
     def dataset(self, plan: PlannedRun) -> tuple[ArrayDataset, ArrayDataset, DataIdentity]:
         cfg = plan.config
-        key = (cfg.dataset, cfg.subset, cfg.num_train, plan.synthetic_fallback)
+        key = (cfg.dataset, cfg.subset, cfg.num_train, cfg.data_seed, plan.synthetic_fallback)
         if key not in self.data:
             train, test = _load_data(cfg, self.data_dir, self.scale)
             identity = DataIdentity.of(

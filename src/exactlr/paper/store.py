@@ -7,8 +7,9 @@ out_dir/runs/<run_name>.json          one result per run (exactlr.paper.results)
 out_dir/lr/<key>.json                 alpha_ours cache: K_hat, L(w0), T, lr
 out_dir/lr_finder/<key>.json          the LR range test's cache
 out_dir/figures/<figure>-<scale>.json a figure's manifest: its runs, rows, scale
+out_dir/figures/<figure>-<scale>-seed<k>.json   the same for base seed k != 0
 out_dir/checkpoints/<run_name>.pt     a run's checkpoint while it trains
-out_dir/reports/<figure>-<scale>.md   the verdict table (and .json)
+out_dir/reports/<figure>-<scale>.md   the verdict table (and .json; -seed<k> as above)
 out_dir/plots/...                     drawings made from the files above
 out_dir/aside/...                     files that did not match their plan, kept aside
 ```
@@ -49,6 +50,7 @@ __all__ = [
     "read_json",
     "report_path",
     "run_path",
+    "seed_suffix",
     "set_aside",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -68,9 +70,15 @@ def run_path(out_dir: PathLike, run_name: str) -> Path:
     return Path(out_dir) / "runs" / f"{run_name}.json"
 
 
-def manifest_path(out_dir: PathLike, name: str, scale: str) -> Path:
-    """``out_dir/figures/<name>-<scale>.json``: the list of a figure's runs."""
-    return Path(out_dir) / "figures" / f"{name}-{scale}.json"
+def seed_suffix(seed: int) -> str:
+    """``""`` for base seed 0 (the figure as first run), else ``"-seed<k>"``."""
+    return "" if seed == 0 else f"-seed{seed}"
+
+
+def manifest_path(out_dir: PathLike, name: str, scale: str, seed: int = 0) -> Path:
+    """``out_dir/figures/<name>-<scale>[-seed<k>].json``: the list of a figure's runs
+    with base seed ``seed`` (no suffix for seed 0)."""
+    return Path(out_dir) / "figures" / f"{name}-{scale}{seed_suffix(seed)}.json"
 
 
 def lr_cache_path(out_dir: PathLike, filename: str) -> Path:
@@ -88,9 +96,10 @@ def checkpoint_path(out_dir: PathLike, run_name: str) -> Path:
     return Path(out_dir) / "checkpoints" / f"{run_name}.pt"
 
 
-def report_path(out_dir: PathLike, name: str, scale: str) -> Path:
-    """``out_dir/reports/<name>-<scale>.md``: a figure's verdict table (``.json`` beside)."""
-    return Path(out_dir) / "reports" / f"{name}-{scale}.md"
+def report_path(out_dir: PathLike, name: str, scale: str, seed: int = 0) -> Path:
+    """``out_dir/reports/<name>-<scale>[-seed<k>].md``: a figure's verdict table
+    (``.json`` beside)."""
+    return Path(out_dir) / "reports" / f"{name}-{scale}{seed_suffix(seed)}.md"
 
 
 def plots_dir(out_dir: PathLike) -> Path:
