@@ -225,11 +225,28 @@ def test_batched_norms_match_dense_eigvalsh(kind: str, mode: str) -> None:
             tol=1e-9,
             generator=torch.Generator().manual_seed(seed),
             hvp_mode=mode,
+            target="both",
         )
         assert math.isclose(res.value, single.value, rel_tol=1e-8)
         assert math.isclose(res.loss, single.loss, rel_tol=1e-12)
-        # The same iteration from the same start vector: equal counts up to rounding
-        # at the stopping threshold.
+    # target="both" starts a single model from a block of two vectors, the stack from
+    # one; with target="norm" both run the same iteration from the same start vector:
+    # equal counts up to rounding at the stopping threshold.
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    stacked = hessian_spectral_norms(
+        models, F.cross_entropy, data, tol=1e-9, generators=gens, hvp_mode=mode, target="norm"
+    )
+    for model, res, seed in zip(models, stacked, seeds, strict=True):
+        single = hessian_spectral_norm(
+            model,
+            F.cross_entropy,
+            data,
+            tol=1e-9,
+            generator=torch.Generator().manual_seed(seed),
+            hvp_mode=mode,
+            target="norm",
+        )
+        assert math.isclose(res.value, single.value, rel_tol=1e-8)
         assert abs(res.num_hvps - single.num_hvps) <= 1
 
 
@@ -240,7 +257,8 @@ def test_batched_norms_match_dense_eigvalsh(kind: str, mode: str) -> None:
 def test_estimate_with_sample_batch_equals_sequential(kind: str) -> None:
     data = batches(kind)
     rng = torch.get_rng_state()
-    kwargs = dict(num_samples=6, tol=1e-8)
+    # Every sample to tol: the ceiling stop is not part of the stacked path.
+    kwargs = dict(num_samples=6, tol=1e-8, stop_below_max=False)
     seq = estimate_smoothness(
         MAKERS[kind], F.cross_entropy, data, generator=torch.Generator().manual_seed(5), **kwargs
     )
@@ -274,7 +292,7 @@ def test_adaptive_stop_with_groups() -> None:
     def same() -> nn.Module:
         return copy.deepcopy(base)
 
-    kwargs = dict(num_samples=10, patience=2, tol=1e-8)
+    kwargs = dict(num_samples=10, patience=2, tol=1e-8, stop_below_max=False)
     est = estimate_smoothness(same, F.cross_entropy, data, sample_batch=4, **kwargs)
     # Sample 0 sets the max, 1 and 2 do not grow it: stop after 3 as sequentially; the
     # group's fourth sample was evaluated and dropped.
@@ -286,7 +304,7 @@ def test_adaptive_stop_with_groups() -> None:
 
     # Random samples: batched and sequential stop at the same sample.
     for patience in (1, 2, 3):
-        kw = dict(num_samples=12, patience=patience, rel_tol=0.02, tol=1e-8)
+        kw = dict(num_samples=12, patience=patience, rel_tol=0.02, tol=1e-8, stop_below_max=False)
         a = estimate_smoothness(
             bn_mlp,
             F.cross_entropy,

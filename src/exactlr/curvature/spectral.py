@@ -71,8 +71,10 @@ class SpectralOptions:
         subsample_tol: Relative tolerance of the subsample run.
         target: ``"both"``: ``tol`` bounds both extremes (relative to the norm);
             ``"norm"``: only the norm (see :func:`~exactlr.curvature.solvers.lanczos`);
-            None: the caller's default (``"both"`` for :func:`hessian_spectral_norm`,
-            ``"norm"`` for :func:`~exactlr.smoothness.estimate_smoothness` with Lanczos).
+            None: the caller's default (``"norm"`` with Lanczos for
+            :func:`hessian_spectral_norm` and
+            :func:`~exactlr.smoothness.estimate_smoothness`, ``"both"`` with power
+            iteration).
         rewrite: Exact rewrites of the loss for the products
             (:mod:`exactlr.curvature.rewrites`).
         stop_below_max: Algorithm 2 only (Lanczos): stop a sample's solver as soon as
