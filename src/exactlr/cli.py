@@ -1,8 +1,9 @@
 """The ``exactlr`` command.
 
 Every subcommand is a ``_cmd_<name>(args) -> int`` function registered in
-:func:`build_parser`. Errors the user can fix (bad values, missing data) are reported
-as one line on stderr with exit status 2, never a traceback.
+:func:`build_parser` (the ``lr`` arguments are declared in :mod:`exactlr.lr_command`).
+Errors the user can fix (bad values, missing data) are reported as one line on stderr
+with exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -339,89 +340,6 @@ def _add_threads_arg(parser: argparse.ArgumentParser, default: str) -> None:
     )
 
 
-def _add_lr_command(sub: Any) -> None:
-    """``exactlr lr``."""
-    lr = sub.add_parser("lr", help="the exact step size for a model and data set")
-    lr.add_argument(
-        "--model",
-        default="fc3x1000",
-        help="fc{depth}x{width}, lenet, vgg9, or your factory: pkg.module:factory or "
-        "path/to/file.py:factory (factory() returns a freshly initialised model)",
-    )
-    lr.add_argument("--dataset", default=None, help="synthetic (default), mnist or cifar10")
-    lr.add_argument("--subset", default=None, choices=["mini", "full"], help="default: mini")
-    lr.add_argument(
-        "--init", default=None, choices=["paper", "pytorch"], help="built-in models; default: paper"
-    )
-    lr.add_argument("--epochs", type=epochs_arg, default=100)
-    lr.add_argument("--batch-size", type=batch_size_arg, default=None, metavar="full|N")
-    lr.add_argument("--samples", type=positive_int, default=10, help="weight samples N")
-    lr.add_argument("--variant", default="full", choices=["full", "minibatch"])
-    lr.add_argument("--method", default="lanczos", choices=["lanczos", "power"])
-    lr.add_argument(
-        "--tol",
-        type=tol_arg,
-        default=None,
-        help="relative accuracy in (0, 1) of each sample's spectral norm (default: the "
-        "step size's, exactlr.smoothness.LR_TOL; see docs/performance.md)",
-    )
-    lr.add_argument(
-        "--subsample",
-        type=share_arg,
-        default=None,
-        metavar="SHARE",
-        help="start each sample's Lanczos on the Hessian of this share of the data (e.g. "
-        "0.1), then finish on all of it to --tol: fewer full-data products (with the "
-        "minibatch variant: a share of each batch; needs --method lanczos)",
-    )
-    lr.add_argument(
-        "--patience",
-        type=positive_int,
-        default=None,
-        help="adaptive stop after this many samples without growth",
-    )
-    lr.add_argument(
-        "--parallel",
-        default="data",
-        choices=["data", "samples"],
-        help="under torchrun: split the data over the processes, or the weight samples",
-    )
-    lr.add_argument("--json", action="store_true", help="machine-readable output")
-    add_common_data_args(lr)
-    lr.add_argument(
-        "--data",
-        default=None,
-        metavar="MODULE:LOADER",
-        help="your training batches: pkg.module:loader or path/to/file.py:loader, where "
-        "loader() returns (inputs, targets) batches (a list or DataLoader, one epoch); "
-        "replaces --dataset/--subset/--batch-size",
-    )
-    lr.add_argument(
-        "--k-hat",
-        type=positive_float,
-        default=None,
-        metavar="X",
-        help="reuse a measured K_hat (e.g. for another --epochs): only L(w0) is measured",
-    )
-    lr.add_argument(
-        "--check",
-        type=non_negative_int,
-        default=0,
-        metavar="K",
-        help="safety check: K Adam steps (10 or more) at the suggested lr on a copy from w0, "
-        "then the loss change and the Hessian norm at the end against K_hat and 2/lr; warns "
-        "when the loss rose or the curvature grew beyond K_hat (default 0: off)",
-    )
-    lr.add_argument(
-        "--plot",
-        default=None,
-        metavar="FILE",
-        help="draw the per-sample Hessian norms and their running max (K_hat) to FILE "
-        "(.png, .pdf, .svg; needs matplotlib)",
-    )
-    lr.set_defaults(func=_cmd_lr)
-
-
 def _add_run_command(sub: Any) -> None:
     """``exactlr run``."""
     scales = "smoke (seconds, plumbing only), cpu (reduced, laptop) or paper (full size)"
@@ -558,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"exactlr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    _add_lr_command(sub)
+    lr_command.add_parser(sub, _cmd_lr)
     _add_run_command(sub)
     _add_other_commands(sub)
     return parser

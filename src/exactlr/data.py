@@ -20,7 +20,7 @@ import functools
 import math
 import os
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +111,62 @@ class ArrayDataset:
         )
 
 
+# --------------------------------------------------------------------------- files
+
+
+def _locate(
+    what: str,
+    data_dir: str | os.PathLike[str] | None,
+    find: Callable[[Sequence[Path]], tuple[list[Path], list[Path]]],
+    fetch: Callable[[Path], None] | None,
+) -> list[Path]:
+    """The files of dataset ``what``: found in a candidate root, or downloaded into the first.
+
+    Args:
+        what: The dataset's name in messages (``"MNIST"``).
+        data_dir: Data root; see `resolve_data_dirs` for the default search order.
+        find: ``find(roots) -> (files, searched)``, ``files`` empty when they are missing.
+        fetch: ``fetch(root)`` downloads the files into ``root``; None: no download.
+
+    Raises:
+        FileNotFoundError: Not found (nor downloaded); the message lists every path searched.
+    """
+    roots = resolve_data_dirs(data_dir)
+    files, searched = find(roots)
+    if not files and fetch is not None:
+        try:
+            fetch(roots[0])
+        except (OSError, ValueError, tarfile.TarError) as exc:  # URLError, timeouts, checksums
+            raise not_found_error(what, searched, reason=str(exc)) from exc
+        files, searched = find(roots[:1])
+    if not files:
+        raise not_found_error(what, searched)
+    return files
+
+
+def _image_dataset(
+    pixels: Tensor,
+    labels: np.ndarray,
+    stats: tuple[Sequence[float], Sequence[float]] | None,
+    name: str,
+) -> ArrayDataset:
+    """Ten-class images from uint8 ``pixels [N, C, H, W]`` and their ``labels``.
+
+    Pixels map to ``x = p / 255`` in [0, 1], then, with ``stats = (mean, std)`` (one
+    value per channel), to ``(x - mean_c) / std_c``.
+
+    Raises:
+        ValueError: A label is outside ``0..9``.
+    """
+    targets = torch.from_numpy(labels.astype(np.int64))
+    validate_labels(targets, 10)
+    inputs = pixels.to(torch.float32).div_(255.0)
+    if stats is not None:
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in stats)
+        inputs.sub_(mean).div_(std)
+    return ArrayDataset(inputs=inputs, targets=targets, num_classes=10, name=name)
+
+
 # --------------------------------------------------------------------------- MNIST
 
 
@@ -130,12 +186,9 @@ def _load_mnist_cached(
             f"{labels_path} holds labels of shape {labels.shape} for {images.shape[0]} images "
             f"in {images_path}; delete both and download them again"
         )
-    targets = torch.from_numpy(labels.astype(np.int64))
-    validate_labels(targets, 10)
-    inputs = torch.from_numpy(images.copy()).to(torch.float32).div_(255.0).unsqueeze_(1)
-    if normalize:
-        inputs.sub_(MNIST_MEAN).div_(MNIST_STD)
-    return ArrayDataset(inputs=inputs, targets=targets, num_classes=10, name=name)
+    pixels = torch.from_numpy(images.copy()).unsqueeze_(1)
+    stats = ((MNIST_MEAN,), (MNIST_STD,)) if normalize else None
+    return _image_dataset(pixels, labels, stats, name)
 
 
 def load_mnist(
@@ -165,18 +218,10 @@ def load_mnist(
             downloaded); the message lists every path searched.
         ValueError: A file is truncated or corrupted.
     """
-    roots = resolve_data_dirs(data_dir)
-    found = find_mnist(roots, train)
-    if isinstance(found, list) and download:
-        try:
-            download_mnist(roots[0], train)
-        except (OSError, ValueError) as exc:  # URLError, timeouts and checksums included
-            raise not_found_error("MNIST", found, reason=str(exc)) from exc
-        found = find_mnist(roots[:1], train)
-    if isinstance(found, list):
-        raise not_found_error("MNIST", found)
+    fetch = functools.partial(download_mnist, train=train) if download else None
+    images, labels = _locate("MNIST", data_dir, lambda roots: find_mnist(roots, train), fetch)
     name = "mnist-train" if train else "mnist-test"
-    return _load_mnist_cached(file_stamp(found[0]), file_stamp(found[1]), normalize, name)
+    return _load_mnist_cached(file_stamp(images), file_stamp(labels), normalize, name)
 
 
 # --------------------------------------------------------------------------- CIFAR-10
@@ -188,14 +233,10 @@ def _load_cifar10_cached(
 ) -> ArrayDataset:
     parts = [read_cifar_batch(Path(k[0])) for k in keys]
     data = np.concatenate([d for d, _ in parts])
-    targets = torch.from_numpy(np.concatenate([lab for _, lab in parts]).astype(np.int64))
-    validate_labels(targets, 10)
-    inputs = torch.from_numpy(data).reshape(-1, 3, 32, 32).to(torch.float32).div_(255.0)
-    if normalize:
-        mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-        inputs.sub_(mean).div_(std)
-    return ArrayDataset(inputs=inputs, targets=targets, num_classes=10, name=name)
+    pixels = torch.from_numpy(data).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([lab for _, lab in parts])
+    stats = (CIFAR10_MEAN, CIFAR10_STD) if normalize else None
+    return _image_dataset(pixels, labels, stats, name)
 
 
 def load_cifar10(
@@ -207,8 +248,8 @@ def load_cifar10(
 ) -> ArrayDataset:
     """Loads CIFAR-10 from `<root>/cifar-10-batches-py/` (the python pickle batches).
 
-    Results are cached per file and `normalize`; the returned tensors are shared with the
-    cache, so do not modify them in place.
+    Cached like `load_mnist`, per batch file and `normalize`: the returned tensors are
+    the cache's own, so do not modify them in place.
 
     Args:
         data_dir: Data root; see `resolve_data_dirs` for the default search order.
@@ -225,18 +266,10 @@ def load_cifar10(
             downloaded); the message lists every path searched.
         ValueError: A batch file is corrupted or has the wrong shape.
     """
-    roots = resolve_data_dirs(data_dir)
-    found = find_cifar10(roots, train)
-    if isinstance(found, tuple) and download:
-        try:
-            download_cifar10(roots[0])
-        except (OSError, ValueError, tarfile.TarError) as exc:
-            raise not_found_error("CIFAR-10", found[1], reason=str(exc)) from exc
-        found = find_cifar10(roots[:1], train)
-    if isinstance(found, tuple):
-        raise not_found_error("CIFAR-10", found[1])
+    fetch = download_cifar10 if download else None
+    files = _locate("CIFAR-10", data_dir, lambda roots: find_cifar10(roots, train), fetch)
     name = "cifar10-train" if train else "cifar10-test"
-    return _load_cifar10_cached(tuple(file_stamp(p) for p in found), normalize, name)
+    return _load_cifar10_cached(tuple(file_stamp(p) for p in files), normalize, name)
 
 
 # --------------------------------------------------------------------------- subsets

@@ -114,8 +114,8 @@ def file_stamp(path: Path) -> tuple[str, int, int]:
 # --------------------------------------------------------------------------- MNIST
 
 
-def find_mnist(roots: Sequence[Path], train: bool) -> tuple[Path, Path] | list[Path]:
-    """The (images, labels) files in the first root holding both, else the paths searched."""
+def find_mnist(roots: Sequence[Path], train: bool) -> tuple[list[Path], list[Path]]:
+    """``([images, labels], searched)``: the first root holding both, else ``([], searched)``."""
     searched: list[Path] = []
     for root in roots:
         found: list[Path] = []
@@ -126,8 +126,8 @@ def find_mnist(roots: Sequence[Path], train: bool) -> tuple[Path, Path] | list[P
             if hit is not None:
                 found.append(hit)
         if len(found) == 2:
-            return found[0], found[1]
-    return searched
+            return found, searched
+    return [], searched
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -205,15 +205,15 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
-def find_cifar10(roots: Sequence[Path], train: bool) -> list[Path] | tuple[list[Path], list[Path]]:
-    """The batch files in the first root holding all of them, else `([], paths searched)`."""
+def find_cifar10(roots: Sequence[Path], train: bool) -> tuple[list[Path], list[Path]]:
+    """``(batch files, searched)`` from the first root holding all, else ``([], searched)``."""
     names = _CIFAR10_TRAIN_FILES if train else _CIFAR10_TEST_FILES
     searched: list[Path] = []
     for root in roots:
         paths = [root / CIFAR10_FOLDER / n for n in names]
         searched.extend(paths)
         if all(p.is_file() for p in paths):
-            return paths
+            return paths, searched
     return [], searched
 
 

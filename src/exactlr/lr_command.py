@@ -1,5 +1,7 @@
 """``exactlr lr``: the step size for a built-in model or the user's own code.
 
+:func:`add_parser` declares the command's arguments, :func:`run` carries it out.
+
 The model is a built-in name (``fc3x1000``, ``lenet``, ``vgg9``) or a spec of the
 user's factory, ``pkg.module:factory`` or ``path/to/file.py:factory``
 (:mod:`exactlr.userspec`): ``factory()`` returns a freshly initialised model, so it is
@@ -28,6 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from exactlr.check import CheckReport, check_step_size
+from exactlr.cliargs import (
+    add_common_data_args,
+    batch_size_arg,
+    epochs_arg,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    share_arg,
+    tol_arg,
+)
 from exactlr.curvature import SpectralOptions, full_loss, materialize_batches
 from exactlr.curvature.distributed import is_rank_zero, shard_batches
 from exactlr.data import load_dataset, make_batches
@@ -258,6 +270,98 @@ def _print_text(s: LRSuggestion, inputs: _Inputs, args: argparse.Namespace, devi
     if s.check is not None:
         print(s.check.summary())
         print(f"warning: {s.warning}" if s.warning else "check passed")
+
+
+def add_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """Adds ``exactlr lr`` and its arguments to the subcommands ``sub``.
+
+    Args:
+        sub: The ``add_subparsers()`` object of the ``exactlr`` parser.
+        func: The command's handler, stored as the parsed arguments' ``func``.
+
+    Returns:
+        The ``lr`` parser.
+    """
+    lr = sub.add_parser("lr", help="the exact step size for a model and data set")
+    lr.add_argument(
+        "--model",
+        default="fc3x1000",
+        help="fc{depth}x{width}, lenet, vgg9, or your factory: pkg.module:factory or "
+        "path/to/file.py:factory (factory() returns a freshly initialised model)",
+    )
+    lr.add_argument("--dataset", default=None, help="synthetic (default), mnist or cifar10")
+    lr.add_argument("--subset", default=None, choices=["mini", "full"], help="default: mini")
+    lr.add_argument(
+        "--init", default=None, choices=["paper", "pytorch"], help="built-in models; default: paper"
+    )
+    lr.add_argument("--epochs", type=epochs_arg, default=100)
+    lr.add_argument("--batch-size", type=batch_size_arg, default=None, metavar="full|N")
+    lr.add_argument("--samples", type=positive_int, default=10, help="weight samples N")
+    lr.add_argument("--variant", default="full", choices=["full", "minibatch"])
+    lr.add_argument("--method", default="lanczos", choices=["lanczos", "power"])
+    lr.add_argument(
+        "--tol",
+        type=tol_arg,
+        default=None,
+        help="relative accuracy in (0, 1) of each sample's spectral norm (default: the "
+        "step size's, exactlr.smoothness.LR_TOL; see docs/performance.md)",
+    )
+    lr.add_argument(
+        "--subsample",
+        type=share_arg,
+        default=None,
+        metavar="SHARE",
+        help="start each sample's Lanczos on the Hessian of this share of the data (e.g. "
+        "0.1), then finish on all of it to --tol: fewer full-data products (with the "
+        "minibatch variant: a share of each batch; needs --method lanczos)",
+    )
+    lr.add_argument(
+        "--patience",
+        type=positive_int,
+        default=None,
+        help="adaptive stop after this many samples without growth",
+    )
+    lr.add_argument(
+        "--parallel",
+        default="data",
+        choices=["data", "samples"],
+        help="under torchrun: split the data over the processes, or the weight samples",
+    )
+    lr.add_argument("--json", action="store_true", help="machine-readable output")
+    add_common_data_args(lr)
+    lr.add_argument(
+        "--data",
+        default=None,
+        metavar="MODULE:LOADER",
+        help="your training batches: pkg.module:loader or path/to/file.py:loader, where "
+        "loader() returns (inputs, targets) batches (a list or DataLoader, one epoch); "
+        "replaces --dataset/--subset/--batch-size",
+    )
+    lr.add_argument(
+        "--k-hat",
+        type=positive_float,
+        default=None,
+        metavar="X",
+        help="reuse a measured K_hat (e.g. for another --epochs): only L(w0) is measured",
+    )
+    lr.add_argument(
+        "--check",
+        type=non_negative_int,
+        default=0,
+        metavar="K",
+        help="safety check: K Adam steps (10 or more) at the suggested lr on a copy from w0, "
+        "then the loss change and the Hessian norm at the end against K_hat and 2/lr; warns "
+        "when the loss rose or the curvature grew beyond K_hat (default 0: off)",
+    )
+    lr.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE",
+        help="draw the per-sample Hessian norms and their running max (K_hat) to FILE "
+        "(.png, .pdf, .svg; needs matplotlib)",
+    )
+    lr.set_defaults(func=func)
+    return lr
 
 
 def run(args: argparse.Namespace, device: torch.device) -> int:

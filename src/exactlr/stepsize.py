@@ -136,6 +136,31 @@ class LRSuggestion:
         return None if self.check is None else self.check.warning
 
 
+def _check_arguments(
+    total_steps: int, check_steps: int, parallel: str, group: object | None
+) -> None:
+    """ValueError for a bad ``total_steps``, ``check_steps`` or ``parallel`` of
+    :func:`suggest_lr`, or a safety check asked for on a data shard."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(
+            f"total_steps must be a positive integer (epochs x batches per epoch), "
+            f"got {total_steps=}"
+        )
+    if isinstance(check_steps, bool) or not isinstance(check_steps, int) or check_steps < 0:
+        raise ValueError(
+            f"check_steps must be an integer >= 0 (Adam steps of the safety check), "
+            f"got {check_steps=}"
+        )
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL_MODES}")
+    if check_steps and group is not None and parallel == "data":
+        raise ValueError(
+            f"check_steps={check_steps} takes Adam steps on this process's batches, a shard "
+            "here; run the check in one process, or use parallel='samples' (all the data "
+            "on every rank)"
+        )
+
+
 def suggest_lr(
     model: nn.Module,
     loss_fn: LossFn | None = None,
@@ -218,25 +243,8 @@ def suggest_lr(
         >>> s.lr > 0
         True
     """
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(
-            f"total_steps must be a positive integer (epochs x batches per epoch), "
-            f"got {total_steps=}"
-        )
-    if isinstance(check_steps, bool) or not isinstance(check_steps, int) or check_steps < 0:
-        raise ValueError(
-            f"check_steps must be an integer >= 0 (Adam steps of the safety check), "
-            f"got {check_steps=}"
-        )
-    if parallel not in PARALLEL_MODES:
-        raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL_MODES}")
     group = resolve_group(process_group)
-    if check_steps and group is not None and parallel == "data":
-        raise ValueError(
-            f"check_steps={check_steps} takes Adam steps on this process's batches, a shard "
-            "here; run the check in one process, or use parallel='samples' (all the data "
-            "on every rank)"
-        )
+    _check_arguments(total_steps, check_steps, parallel, group)
     params = list(model.parameters())
     objective = Objective(loss_fn, loss, batch_size)
     with all_or_none(group):  # a rank's bad batches stop every rank

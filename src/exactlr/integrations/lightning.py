@@ -39,14 +39,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from exactlr.stepsize import LRSuggestion, suggest_lr
+from exactlr.integrations._settings import SettingsInit
+from exactlr.stepsize import LRSuggestion
 
 try:
     import lightning.pytorch as pl
@@ -101,47 +102,18 @@ def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
     return out
 
 
-class ExactLR(pl.Callback):
+class ExactLR(SettingsInit, pl.Callback):
     """Sets every optimizer's LR to ``sqrt(2 L(w0) / (K_hat T))`` when fitting starts.
 
-    Args:
-        loss: ``loss(module, batch) -> mean loss``; default :func:`training_step_loss`.
-        num_samples: Weight samples for ``K_hat`` (Algorithm 2).
-        num_batches: Use only the first ``num_batches`` batches of the train dataloader
-            for ``L(w0)`` and ``K_hat`` (default: one whole epoch, the paper's full-data
-            loss; fewer batches cost proportionally less).
-        make_model: Returns a freshly initialised module (one weight sample); default:
-            copies of the module re-initialised by :func:`exactlr.suggest_lr`.
-        check_steps: If positive, run the safety check (:mod:`exactlr.check`) and warn
-            when it flags the LR.
-        generator: Seeds the weight samples and solvers.
-        **options: Passed to :func:`exactlr.suggest_lr` (``tol``, ``method``, ...).
+    The keyword arguments are the fields of
+    :class:`~exactlr.integrations._settings.ExactLRSettings` (``**options`` go to
+    :func:`exactlr.suggest_lr`); ``loss(module, batch)`` defaults to
+    :func:`training_step_loss`, and ``num_batches`` counts batches of the train dataloader.
 
     Attributes:
+        settings: The measurement settings, as given.
         suggestion: The :class:`exactlr.LRSuggestion` of the last fit (None before).
     """
-
-    def __init__(
-        self,
-        *,
-        loss: Callable[[nn.Module, Any], Tensor] | None = None,
-        num_samples: int = 10,
-        num_batches: int | None = None,
-        make_model: Callable[[], nn.Module] | None = None,
-        check_steps: int = 0,
-        generator: torch.Generator | None = None,
-        **options: Any,
-    ) -> None:
-        if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
-            raise ValueError(f"num_batches must be None or a positive integer, got {num_batches=}")
-        self.loss = loss
-        self.num_samples = num_samples
-        self.num_batches = num_batches
-        self.make_model = make_model
-        self.check_steps = check_steps
-        self.generator = generator
-        self.options = options
-        self.suggestion: LRSuggestion | None = None
 
     def _total_steps(self, trainer: pl.Trainer) -> int:
         steps = trainer.estimated_stepping_batches
@@ -159,7 +131,7 @@ class ExactLR(pl.Callback):
                 "ExactLR needs one train dataloader; with several (or none), compute the LR "
                 "with exactlr.suggest_lr on the data you choose"
             )
-        batches = list(islice(iter(loader), self.num_batches))
+        batches = list(islice(iter(loader), self.settings.num_batches))
         return [move_data_to_device(b, device) for b in batches]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -170,7 +142,7 @@ class ExactLR(pl.Callback):
                 "(the rule is measured at the start of a run, not mid-run)"
             )
             return
-        loss = self.loss
+        loss = self.settings.loss
         if loss is None:
             if not pl_module.automatic_optimization:
                 raise ValueError(
@@ -180,17 +152,7 @@ class ExactLR(pl.Callback):
             loss = training_step_loss
         total_steps = self._total_steps(trainer)
         batches = self._batches(trainer, pl_module.device)
-        s = suggest_lr(
-            pl_module,
-            batches=batches,
-            loss=loss,
-            total_steps=total_steps,
-            make_model=self.make_model,
-            num_samples=self.num_samples,
-            generator=self.generator,
-            check_steps=self.check_steps,
-            **self.options,
-        )
+        s = self.settings.suggest(pl_module, batches, total_steps, loss)
         # Each process measured its own shard of the data; all must step alike: rank 0's.
         lr = float(trainer.strategy.broadcast(s.lr, src=0))
         for optimizer in trainer.optimizers:

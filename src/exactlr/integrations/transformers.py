@@ -31,14 +31,13 @@ Drawing the curvature batches iterates the train dataloader once before the firs
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from exactlr.stepsize import LRSuggestion, suggest_lr
+from exactlr.integrations._settings import SettingsInit
 
 try:
     from accelerate.utils import send_to_device
@@ -71,46 +70,17 @@ def model_output_loss(model: nn.Module, batch: Any) -> Tensor:
     return loss
 
 
-class ExactLRCallback(TrainerCallback):
+class ExactLRCallback(SettingsInit, TrainerCallback):
     """Sets the Trainer's LR to ``sqrt(2 L(w0) / (K_hat T))`` before training.
 
-    Args:
-        loss: ``loss(model, batch) -> mean loss``; default :func:`model_output_loss`.
-        num_samples: Weight samples for ``K_hat`` (Algorithm 2).
-        num_batches: Use only the first ``num_batches`` batches for ``L(w0)`` and
-            ``K_hat`` (default: one whole epoch, the full-data loss).
-        make_model: Returns a freshly initialised model (one weight sample); default:
-            copies of the model re-initialised by :func:`exactlr.suggest_lr`.
-        check_steps: If positive, run the safety check (:mod:`exactlr.check`) and log a
-            warning when it flags the LR.
-        generator: Seeds the weight samples and solvers.
-        **options: Passed to :func:`exactlr.suggest_lr` (``tol``, ``method``, ...).
+    The keyword arguments are the fields of
+    :class:`~exactlr.integrations._settings.ExactLRSettings` (``**options`` go to
+    :func:`exactlr.suggest_lr`); ``loss(model, batch)`` defaults to :func:`model_output_loss`.
 
     Attributes:
+        settings: The measurement settings, as given.
         suggestion: The :class:`exactlr.LRSuggestion` of the last run (None before).
     """
-
-    def __init__(
-        self,
-        *,
-        loss: Callable[[nn.Module, Any], Tensor] | None = None,
-        num_samples: int = 10,
-        num_batches: int | None = None,
-        make_model: Callable[[], nn.Module] | None = None,
-        check_steps: int = 0,
-        generator: torch.Generator | None = None,
-        **options: Any,
-    ) -> None:
-        if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
-            raise ValueError(f"num_batches must be None or a positive integer, got {num_batches=}")
-        self.loss = loss or model_output_loss
-        self.num_samples = num_samples
-        self.num_batches = num_batches
-        self.make_model = make_model
-        self.check_steps = check_steps
-        self.generator = generator
-        self.options = options
-        self.suggestion: LRSuggestion | None = None
 
     def on_train_begin(
         self,
@@ -139,18 +109,11 @@ class ExactLRCallback(TrainerCallback):
         if state.max_steps is None or state.max_steps < 1:
             raise ValueError(f"the run's length is not known ({state.max_steps=}); set max_steps")
         device = next(model.parameters()).device
-        batches = [send_to_device(b, device) for b in islice(train_dataloader, self.num_batches)]
-        s = suggest_lr(
-            model,
-            batches=batches,
-            loss=self.loss,
-            total_steps=int(state.max_steps),
-            make_model=self.make_model,
-            num_samples=self.num_samples,
-            generator=self.generator,
-            check_steps=self.check_steps,
-            **self.options,
-        )
+        batches = [
+            send_to_device(b, device) for b in islice(train_dataloader, self.settings.num_batches)
+        ]
+        loss = self.settings.loss or model_output_loss
+        s = self.settings.suggest(model, batches, int(state.max_steps), loss)
         lr = s.lr
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Each process measured its own shard of the data; all must step alike.
