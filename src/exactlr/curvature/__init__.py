@@ -29,9 +29,10 @@ Modules (each imports only those above it):
 - :mod:`~exactlr.curvature.distributed`: data-parallel products on
   :mod:`torch.distributed` (each rank a shard of the batches, one ``all_reduce`` per
   product), the ranks' agreement checks, one error on every rank.
-- :mod:`~exactlr.curvature.spectral`: :class:`SpectralOptions`,
-  :func:`hessian_spectral_norm`, :func:`hessian_spectral_norms`, :func:`full_loss`
-  (each with ``process_group=``).
+- :mod:`~exactlr.curvature.options`: :class:`SpectralOptions`, the solver and product
+  options as one typed value, and their validation.
+- :mod:`~exactlr.curvature.spectral`: :func:`hessian_spectral_norm`,
+  :func:`hessian_spectral_norms`, :func:`full_loss` (each with ``process_group=``).
 
 The curvature is that of the loss *as training computes it*, made deterministic:
 BatchNorm uses batch statistics and never updates its running statistics here; every
@@ -52,6 +53,7 @@ from exactlr.curvature.batches import (
     training_loss_mode,
 )
 from exactlr.curvature.operators import HVP_MODES, HessianOperator
+from exactlr.curvature.options import METHODS, SpectralOptions
 from exactlr.curvature.solvers import (
     TARGETS,
     EigenResult,
@@ -63,9 +65,7 @@ from exactlr.curvature.solvers import (
     random_unit_vector,
 )
 from exactlr.curvature.spectral import (
-    METHODS,
     SpectralNormResult,
-    SpectralOptions,
     full_loss,
     hessian_spectral_norm,
     hessian_spectral_norms,

@@ -5,13 +5,12 @@
 :func:`~exactlr.curvature.batches.training_loss_mode`;
 :func:`hessian_spectral_norms` does the same for S models of one architecture with one
 stacked operator and :func:`~exactlr.curvature.solvers.lanczos_batched`. The norm counts
-negative curvature. :class:`SpectralOptions` holds the solver and product options as one
-typed value, so that callers further up pass them on without keyword chains.
+negative curvature. The options they run with are a
+:class:`~exactlr.curvature.options.SpectralOptions` (re-exported here).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from exactlr.curvature.distributed import (
 )
 from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
 from exactlr.curvature.operators import HessianOperator
+from exactlr.curvature.options import METHODS, SpectralOptions
 from exactlr.curvature.solvers import (
     TARGETS,
     EigenResult,
@@ -48,110 +48,14 @@ from exactlr.curvature.solvers import (
 )
 from exactlr.curvature.stacked import StackedHessianOperator
 
-METHODS = ("lanczos", "power")
-
-
-@dataclass(frozen=True)
-class SpectralOptions:
-    """How a spectral norm is computed: solver, tolerance, products, start, rewrites.
-
-    Attributes:
-        method: ``"lanczos"`` (both extremes at once, a-posteriori stop) or ``"power"``
-            (power iteration for the dominant eigenvalue, then on ``H - lambda I`` for
-            the other end).
-        tol: Relative accuracy of the spectral norm; None: the caller's default
-            (``1e-4`` for :func:`hessian_spectral_norm`,
-            :data:`~exactlr.smoothness.LR_TOL` for Algorithm 2 and the step size).
-        max_iters: Maximum Hessian-vector products per solver run.
-        hvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"`` (see
-            :mod:`exactlr.curvature.operators`).
-        subsample: Multi-fidelity start (Lanczos only): the share of every batch whose
-            Hessian gives the start vector (see :func:`hessian_spectral_norm`); None: a
-            random start vector.
-        subsample_tol: Relative tolerance of the subsample run.
-        target: ``"both"``: ``tol`` bounds both extremes (relative to the norm);
-            ``"norm"``: only the norm (see :func:`~exactlr.curvature.solvers.lanczos`);
-            None: the caller's default (``"norm"`` with Lanczos for
-            :func:`hessian_spectral_norm` and
-            :func:`~exactlr.smoothness.estimate_smoothness`, ``"both"`` with power
-            iteration).
-        rewrite: Exact rewrites of the loss for the products
-            (:mod:`exactlr.curvature.rewrites`).
-        stop_below_max: Algorithm 2 only (Lanczos): stop a sample's solver as soon as
-            its norm is certified to be at most the running maximum of the samples
-            before it (it cannot change K_hat); its record is then a lower estimate
-            (``certified="ceiling"``). False: every sample to ``tol``.
-        check_labels: Check the class targets of a cross-entropy ``loss_fn``
-            (:mod:`exactlr.curvature.objective`).
-        check_determinism: Evaluate the loss and one product twice and raise if they
-            differ (:meth:`~exactlr.curvature.operators.LossOperator.check_deterministic`).
-    """
-
-    method: str = "lanczos"
-    tol: float | None = None
-    max_iters: int = 100
-    hvp_mode: str = "auto"
-    subsample: float | None = None
-    subsample_tol: float = 1e-2
-    target: str | None = None
-    rewrite: bool = True
-    stop_below_max: bool = True
-    check_labels: bool = True
-    check_determinism: bool = True
-
-    @classmethod
-    def from_keywords(
-        cls, base: SpectralOptions | None = None, /, **keywords: Any
-    ) -> SpectralOptions:
-        """``base`` (default: all defaults) with the options named by ``keywords`` replaced.
-
-        Raises:
-            ValueError: A keyword that is not an option, naming it and the valid ones, or
-                a ``base`` that is not a :class:`SpectralOptions`.
-        """
-        if base is None:
-            base = cls()
-        if not isinstance(base, SpectralOptions):
-            raise ValueError(f"options must be a SpectralOptions, got {type(base).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(keywords) - set(names))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {', '.join(unknown)} for the spectral norm; "
-                f"valid options: {', '.join(names)}"
-            )
-        return dataclasses.replace(base, **keywords)
-
-    def with_target(self, default: str) -> SpectralOptions:
-        """These options with ``target`` set to ``default`` if it is None."""
-        return self if self.target is not None else dataclasses.replace(self, target=default)
-
-    def with_tol(self, default: float) -> SpectralOptions:
-        """These options with ``tol`` set to ``default`` if it is None."""
-        return self if self.tol is not None else dataclasses.replace(self, tol=default)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad option and what to do."""
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
-        tol, max_iters, subsample = self.tol, self.max_iters, self.subsample
-        if tol is not None and (
-            isinstance(tol, bool) or not (isinstance(tol, int | float) and 0 < tol < 1)
-        ):
-            raise ValueError(f"tol is a relative accuracy strictly between 0 and 1, got {tol=}")
-        if not isinstance(max_iters, int) or max_iters < 1:
-            raise ValueError(f"max_iters must be a positive integer, got {max_iters=}")
-        if subsample is not None and not (
-            isinstance(subsample, int | float) and 0 < subsample < 1 and self.method == "lanczos"
-        ):
-            raise ValueError(
-                f"subsample must be None or in (0, 1) with method='lanczos', got {subsample=}"
-            )
-        target = self.target
-        if target is not None and (
-            target not in TARGETS or (target != "both" and self.method != "lanczos")
-        ):
-            raise ValueError(f"target={target!r} must be one of {TARGETS} ('norm': Lanczos only)")
+__all__ = [
+    "METHODS",
+    "SpectralNormResult",
+    "SpectralOptions",
+    "full_loss",
+    "hessian_spectral_norm",
+    "hessian_spectral_norms",
+]
 
 
 @dataclass(frozen=True)
