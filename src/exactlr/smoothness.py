@@ -37,13 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from exactlr.curvature import (
-    LossFn,
-    SpectralOptions,
-    hessian_spectral_norm,
-    hessian_spectral_norms,
-    materialize_batches,
-)
+from exactlr.curvature import LossFn, SpectralOptions, materialize_batches
 from exactlr.curvature.distributed import (
     PARALLEL_MODES,
     all_or_none,
@@ -54,6 +48,7 @@ from exactlr.curvature.distributed import (
     same_on_all_ranks,
 )
 from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
+from exactlr.curvature.spectral import solve_spectral_norm, solve_spectral_norms
 from exactlr.sampling import draw_model
 
 try:  # tqdm is an optional extra: without it there is no progress bar
@@ -174,23 +169,12 @@ def _evaluate_one(
     hvps, sub_hvps, converged, loss = 0, 0, True, -math.inf
     solver_gen = torch.Generator().manual_seed(seed)
     for part in groups:
-        res = hessian_spectral_norm(
+        res = solve_spectral_norm(
             model,
-            objective.loss_fn,
+            objective,
             part,
-            loss=objective.loss,
-            batch_size=objective.batch_size,
-            check_labels=objective.check_labels,
-            check_determinism=options.check_determinism,
+            options,
             generator=solver_gen,
-            method=options.method,
-            tol=options.tol,
-            max_iters=options.max_iters,
-            hvp_mode=options.hvp_mode,
-            subsample=options.subsample,
-            subsample_tol=options.subsample_tol,
-            target=options.target or "both",
-            rewrite=options.rewrite,
             ceiling=_ceiling(ceiling, best.value if best is not None else None, options),
             process_group=products_group,
         )
@@ -254,21 +238,8 @@ def _evaluate_group(
     :func:`_evaluate_one`, so the values agree with it to the solver tolerance.
     """
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    results = hessian_spectral_norms(
-        models,
-        objective.loss_fn,
-        data,
-        loss=objective.loss,
-        batch_size=objective.batch_size,
-        check_labels=objective.check_labels,
-        check_determinism=options.check_determinism,
-        generators=generators,
-        tol=options.tol,
-        max_iters=options.max_iters,
-        hvp_mode=options.hvp_mode,
-        target=options.target or "both",
-        rewrite=options.rewrite,
-        process_group=passed_on(group),
+    results = solve_spectral_norms(
+        models, objective, data, options, generators=generators, process_group=passed_on(group)
     )
     return [
         _Evaluation(

@@ -224,6 +224,35 @@ def hessian_spectral_norm(
     if ceiling is not None and not (method == "lanczos" and ceiling >= 0):
         raise ValueError(f"ceiling must be None or >= 0 with method='lanczos', got {ceiling=}")
     objective = Objective(loss_fn, loss, batch_size, check_labels)
+    return solve_spectral_norm(
+        model,
+        objective,
+        batches,
+        options,
+        generator=generator,
+        ceiling=ceiling,
+        process_group=process_group,
+    )
+
+
+def solve_spectral_norm(
+    model: nn.Module,
+    objective: Objective,
+    batches: Iterable[Any] | None,
+    options: SpectralOptions,
+    *,
+    generator: torch.Generator | None = None,
+    ceiling: float | None = None,
+    process_group: dist.ProcessGroup | bool | None = None,
+) -> SpectralNormResult:
+    """:func:`hessian_spectral_norm` of an ``objective`` with ``options`` as one value.
+
+    The typed entry point for callers that hold a :class:`SpectralOptions` (Algorithm 2
+    in :mod:`exactlr.smoothness`), so that no option is spelled again as a keyword.
+    ``options`` and ``ceiling`` are as :func:`hessian_spectral_norm` checks them
+    (:meth:`SpectralOptions.validate`, ``target`` set); ``options.check_labels`` is
+    ``objective.check_labels``'s business here.
+    """
     group = resolve_group(process_group)
     start = time.perf_counter()
     device, _ = module_device_dtype(model)
@@ -231,17 +260,21 @@ def hessian_spectral_norm(
         with all_or_none(group):  # a rank's bad shard stops every rank
             data = materialize_batches(batches, device, pairs=objective.pairs)
             op = HessianOperator(
-                model, objective=objective, batches=data, hvp_mode=hvp_mode, rewrite=rewrite
+                model,
+                objective=objective,
+                batches=data,
+                hvp_mode=options.hvp_mode,
+                rewrite=options.rewrite,
             )
             value = op.loss()
             v0 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
-            if check_determinism:  # local: before any product is all-reduced
+            if options.check_determinism:  # local: before any product is all-reduced
                 op.check_deterministic(v0, torch.tensor([value], dtype=torch.float64))
         op, value = data_parallel(op, value, group)
         v0 = shared_start(op, v0)
         try:
             subsample_hvps = 0
-            if subsample is not None:
+            if options.subsample is not None:
                 v0, subsample_hvps = _subsample_start(op, v0, options, generator)
             res = _solve(op, v0, options, generator, ceiling)
         finally:
@@ -252,7 +285,7 @@ def hessian_spectral_norm(
         lambda_min=res.lambda_min,
         num_hvps=op.num_products,
         converged=res.converged,
-        method=method,
+        method=options.method,
         hvp_mode=op.hvp_mode,
         loss=value,
         error_estimate=res.error_estimate,
@@ -404,10 +437,40 @@ def hessian_spectral_norms(
         raise ValueError(f"target={target!r} is not one of {TARGETS}")
     if generators is not None and len(generators) != len(models):
         raise ValueError(f"got {len(generators)} generators for {len(models)} models")
-    start = time.perf_counter()
     if not models:
         raise ValueError("models is empty; pass at least one model")
     objective = Objective(loss_fn, loss, batch_size, check_labels)
+    options = SpectralOptions(
+        tol=tol,
+        max_iters=max_iters,
+        hvp_mode=hvp_mode,
+        target=target,
+        rewrite=rewrite,
+        check_labels=check_labels,
+        check_determinism=check_determinism,
+    )
+    return solve_spectral_norms(
+        models, objective, batches, options, generators=generators, process_group=process_group
+    )
+
+
+def solve_spectral_norms(
+    models: Sequence[nn.Module],
+    objective: Objective,
+    batches: Iterable[Any] | None,
+    options: SpectralOptions,
+    *,
+    generators: Sequence[torch.Generator | None] | None = None,
+    process_group: dist.ProcessGroup | bool | None = None,
+) -> list[SpectralNormResult]:
+    """:func:`hessian_spectral_norms` of an ``objective`` with ``options`` as one value.
+
+    The typed entry point for Algorithm 2's stacked samples (:mod:`exactlr.smoothness`):
+    Lanczos with ``options.tol``, ``max_iters``, ``hvp_mode``, ``target`` (None:
+    ``"both"``), ``rewrite`` and ``check_determinism``; ``method`` and ``subsample`` are
+    not read. ``models`` is not empty and ``generators``, if given, has one per model.
+    """
+    start = time.perf_counter()
     if not objective.pairs:
         raise ValueError(
             "hessian_spectral_norms stacks models with vmap, which takes loss_fn on "
@@ -418,19 +481,29 @@ def hessian_spectral_norms(
     with all_or_none(group):  # a rank's bad shard stops every rank
         data = materialize_batches(batches, device, pairs=objective.pairs)
         op = StackedHessianOperator.from_models(
-            models, objective=objective, batches=data, hvp_mode=hvp_mode, rewrite=rewrite
+            models,
+            objective=objective,
+            batches=data,
+            hvp_mode=options.hvp_mode,
+            rewrite=options.rewrite,
         )
         losses = op.losses()
         gens = list(generators) if generators is not None else [None] * len(models)
         draws = [random_unit_vector(op.dim, generator=g, dtype=op.dtype) for g in gens]
         v0 = torch.stack(draws).to(op.device)
-        if check_determinism:  # local: before any product is all-reduced
+        if options.check_determinism:  # local: before any product is all-reduced
             op.check_deterministic(v0, torch.tensor(losses, dtype=torch.float64))
     op, losses = data_parallel(op, losses, group)
     v0 = same_on_all_ranks(v0, group)
     products = _ActiveProducts(op)
     try:
-        results = lanczos_batched(products, v0, max_iters=max_iters, tol=tol, target=target)
+        results = lanczos_batched(
+            products,
+            v0,
+            max_iters=options.max_iters,
+            tol=options.tol,
+            target=options.target or "both",
+        )
     finally:
         products.release()
     seconds = (time.perf_counter() - start) / len(models)
