@@ -11,10 +11,12 @@ Module map (data flows one way; nothing upstream imports anything downstream):
   datasets, subsets, the synthetic set, batches; the paper's networks and weight
   re-drawing.
 - ``curvature``: the loss as a function of the weights (``batches``), Hessian-vector
-  products (``operators``), the solvers (``solvers``: Lanczos, power iteration) and
-  ``hessian_spectral_norm`` (``spectral``).
+  products (``operators``), the solvers (``solvers``: Lanczos, power iteration), their
+  options (``options``: ``SpectralOptions``) and ``hessian_spectral_norm`` (``spectral``).
 - ``sampling``: weight samples of a model's own initialisation (``transformers`` models
   rebuilt from their config), checked to be re-drawn.
+- ``running_max``: Algorithm 2's record: per-sample records, the running max and the
+  adaptive stop (``patience``, ``rel_tol``).
 - ``smoothness``: Algorithm 2, ``estimate_smoothness`` (K_hat over weight samples).
 - ``check``: the safety check of a step size, ``check_step_size`` (k Adam steps from w0
   on a copy, then the loss and the curvature at the end).

@@ -19,6 +19,10 @@ and one vmapped Hessian-vector product serves all of them
 (:func:`~exactlr.curvature.hessian_spectral_norms`); each sample's value is the one the
 sequential loop gives, to the solver tolerance.
 
+The records, the running maximum and the adaptive stop (``patience``, ``rel_tol``) are
+kept by :mod:`exactlr.running_max`; :class:`SampleRecord` and
+:class:`SmoothnessEstimate` are re-exported here.
+
 Global RNG state is never changed: each sample's weights are drawn inside
 :func:`torch.random.fork_rng` from a seed taken from ``generator``.
 """
@@ -30,7 +34,6 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +52,13 @@ from exactlr.curvature.distributed import (
 )
 from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
 from exactlr.curvature.spectral import solve_spectral_norm, solve_spectral_norms
+from exactlr.running_max import (
+    SampleEvaluation,
+    SampleRecord,
+    SampleTrace,
+    SmoothnessEstimate,
+    check_stop_arguments,
+)
 from exactlr.sampling import draw_model
 
 try:  # tqdm is an optional extra: without it there is no progress bar
@@ -56,90 +66,16 @@ try:  # tqdm is an optional extra: without it there is no progress bar
 except ImportError:  # pragma: no cover - depends on the environment
     tqdm = None
 
+__all__ = [
+    "LR_TOL",
+    "VARIANTS",
+    "SampleRecord",
+    "SmoothnessEstimate",
+    "estimate_smoothness",
+    "smoothness_options",
+]
+
 VARIANTS = ("full", "minibatch")
-
-
-@dataclass(frozen=True)
-class SampleRecord:
-    """One weight sample of Algorithm 2.
-
-    Attributes:
-        index: Sample number, from 0.
-        value: Hessian spectral norm at this sample (max over batches for "minibatch").
-        lambda_max: Largest Hessian eigenvalue (at the batch giving ``value``).
-        lambda_min: Smallest Hessian eigenvalue (at the batch giving ``value``).
-        num_hvps: Hessian-vector products spent on this sample.
-        seconds: Wall time of this sample.
-        converged: Whether every solver run met its tolerance.
-        seed: The seed the sample's weights were drawn with.
-        loss: Full-data (or max mini-batch) loss at this sample.
-        subsample_hvps: Products with the subsample Hessian of the multi-fidelity start
-            (``subsample=``), each on that share of the data; not in ``num_hvps``.
-        certified: ``"norm"``: ``value`` is the spectral norm to ``tol``; ``"ceiling"``:
-            the solver stopped once the norm was certified to be at most the running
-            maximum before this sample (``stop_below_max``), so ``value`` is a lower
-            estimate and K_hat is unchanged by it; ``"both"``: both extremes to ``tol``.
-    """
-
-    index: int
-    value: float
-    lambda_max: float
-    lambda_min: float
-    num_hvps: int
-    seconds: float
-    converged: bool
-    seed: int
-    loss: float
-    subsample_hvps: int = 0
-    certified: str = "norm"
-
-
-@dataclass(frozen=True)
-class SmoothnessEstimate:
-    """Result of Algorithm 2.
-
-    Attributes:
-        k_hat: ``max_j ||H(w_j)||_2``.
-        samples: Per-sample spectral norms, in draw order.
-        records: Per-sample details (:class:`SampleRecord`).
-        running_max: ``max(samples[:j+1])`` for each j (Theorem 4's sequence).
-        stopped_early: True if the adaptive stop ended the loop before ``num_samples``.
-        variant: ``"full"`` or ``"minibatch"``.
-        discarded: Samples evaluated in the adaptive stop's last group
-            (``sample_batch > 1``) after the stop, and left out of every other field.
-    """
-
-    k_hat: float
-    samples: list[float]
-    records: list[SampleRecord] = field(repr=False)
-    running_max: list[float] = field(repr=False)
-    stopped_early: bool = False
-    variant: str = "full"
-    discarded: int = 0
-
-    @property
-    def num_hvps(self) -> int:
-        """Total Hessian-vector products over all samples."""
-        return sum(r.num_hvps for r in self.records)
-
-    @property
-    def seconds(self) -> float:
-        """Total wall time over all samples."""
-        return sum(r.seconds for r in self.records)
-
-
-@dataclass(frozen=True)
-class _Evaluation:
-    """The spectral norm of one weight sample, as a record needs it."""
-
-    value: float
-    lambda_max: float
-    lambda_min: float
-    num_hvps: int
-    converged: bool
-    loss: float
-    subsample_hvps: int = 0
-    certified: str = "norm"
 
 
 def _evaluate_one(
@@ -152,7 +88,7 @@ def _evaluate_one(
     options: SpectralOptions,
     ceiling: float | None = None,
     group: dist.ProcessGroup | None = None,
-) -> _Evaluation:
+) -> SampleEvaluation:
     """``||H(w)||_2`` of one sample (max over batches for ``"minibatch"``).
 
     ``ceiling``: the running maximum so far; a solver run may stop once its norm is
@@ -185,7 +121,7 @@ def _evaluate_one(
         if best is None or res.value > best.value:
             best = res
     assert best is not None
-    evaluation = _Evaluation(
+    evaluation = SampleEvaluation(
         best.value,
         best.lambda_max,
         best.lambda_min,
@@ -200,7 +136,7 @@ def _evaluate_one(
     return evaluation
 
 
-def _best_over_ranks(evaluation: _Evaluation, group: dist.ProcessGroup) -> _Evaluation:
+def _best_over_ranks(evaluation: SampleEvaluation, group: dist.ProcessGroup) -> SampleEvaluation:
     """The max-norm rank's evaluation, with the products and convergence of all ranks."""
     everyone = gather_objects(evaluation, group)
     best = max(everyone, key=lambda ev: ev.value)  # the first rank on ties, alike everywhere
@@ -231,7 +167,7 @@ def _evaluate_group(
     seeds: list[int],
     options: SpectralOptions,
     group: dist.ProcessGroup | None = None,
-) -> list[_Evaluation]:
+) -> list[SampleEvaluation]:
     """``||H(w_s)||_2`` of several samples at once (stacked weights, batched Lanczos).
 
     Each sample's start vector comes from ``Generator().manual_seed(seed_s)``, as in
@@ -242,7 +178,7 @@ def _evaluate_group(
         models, objective, data, options, generators=generators, process_group=passed_on(group)
     )
     return [
-        _Evaluation(
+        SampleEvaluation(
             r.value, r.lambda_max, r.lambda_min, r.num_hvps, r.converged, r.loss, 0, r.certified
         )
         for r in results
@@ -260,7 +196,7 @@ def _evaluate_samples(
     options: SpectralOptions,
     group: dist.ProcessGroup | None,
     ceiling: float | None = None,
-) -> list[_Evaluation]:
+) -> list[SampleEvaluation]:
     """The samples drawn with ``seeds``: stacked if several, else one (none: ``[]``).
 
     ``ceiling``: the running maximum so far (see :func:`_evaluate_one`).
@@ -320,10 +256,7 @@ def _check_arguments(
         raise ValueError(f"num_samples must be a positive integer, got {num_samples=}")
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not one of {VARIANTS}")
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
-        raise ValueError(f"patience must be None or a positive integer, got {patience=}")
-    if not (rel_tol >= 0 and math.isfinite(rel_tol)):
-        raise ValueError(f"rel_tol must be a non-negative finite number, got {rel_tol=}")
+    check_stop_arguments(patience, rel_tol)
     if not isinstance(sample_batch, int) or isinstance(sample_batch, bool) or sample_batch < 1:
         raise ValueError(f"sample_batch must be a positive integer, got {sample_batch=}")
 
@@ -363,82 +296,6 @@ def _draw_models(
         model = draw_model(make_model, seed)
         models.append(model.to(device) if device is not None else model)
     return models
-
-
-class _Trace:
-    """Algorithm 2's running state: the records, the running max and the adaptive stop."""
-
-    def __init__(self, num_samples: int, patience: int | None, rel_tol: float, bar: Any) -> None:
-        self.num_samples, self.patience, self.rel_tol = num_samples, patience, rel_tol
-        self.bar = bar
-        self.records: list[SampleRecord] = []
-        self.running: list[float] = []
-        self.since_growth = 0
-        self.stopped_early = False
-        self.discarded = 0
-
-    def extend(
-        self,
-        first: int,
-        seeds: list[int],
-        evaluations: list[_Evaluation],
-        seconds: float | list[float],
-    ) -> bool:
-        """Record a group's samples in order; True once the adaptive stop has fired.
-
-        ``seconds``: each sample's wall time (one value: the same for all). The group's
-        samples after the stopping one are counted in ``discarded``.
-        """
-        times = seconds if isinstance(seconds, list) else [seconds] * len(seeds)
-        for offset, (seed, ev, sec) in enumerate(zip(seeds, evaluations, times, strict=True)):
-            index = first + offset
-            self.records.append(
-                SampleRecord(
-                    index=index,
-                    value=ev.value,
-                    lambda_max=ev.lambda_max,
-                    lambda_min=ev.lambda_min,
-                    num_hvps=ev.num_hvps,
-                    seconds=sec,
-                    converged=ev.converged,
-                    seed=int(seed),
-                    loss=ev.loss,
-                    subsample_hvps=ev.subsample_hvps,
-                    certified=ev.certified,
-                )
-            )
-            self._update_running(ev.value)
-            patience = self.patience
-            last = index + 1 == self.num_samples
-            if patience is not None and self.since_growth >= patience and not last:
-                self.stopped_early = True
-                self.discarded = len(seeds) - offset - 1
-                return True
-        return False
-
-    def _update_running(self, value: float) -> None:
-        """Append to the running max and count the samples since it last grew."""
-        previous = self.running[-1] if self.running else None
-        self.running.append(value if previous is None else max(previous, value))
-        if previous is not None and self.running[-1] > previous * (1 + self.rel_tol):
-            self.since_growth = 0
-        elif previous is not None:
-            self.since_growth += 1
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(k_hat=f"{self.running[-1]:.4g}", last=f"{value:.4g}")
-
-    def estimate(self, variant: str) -> SmoothnessEstimate:
-        """The :class:`SmoothnessEstimate` of the samples recorded."""
-        return SmoothnessEstimate(
-            k_hat=self.running[-1],
-            samples=[r.value for r in self.records],
-            records=self.records,
-            running_max=self.running,
-            stopped_early=self.stopped_early,
-            variant=variant,
-            discarded=self.discarded,
-        )
 
 
 def estimate_smoothness(
@@ -556,7 +413,7 @@ def estimate_smoothness(
     bar = None
     if progress and tqdm is not None and (group is None or dist.get_rank(group) == 0):
         bar = tqdm(total=num_samples, desc="K_hat samples", unit="sample")
-    trace = _Trace(num_samples, patience, rel_tol, bar)
+    trace = SampleTrace(num_samples, patience, rel_tol, bar)
     evaluate = functools.partial(
         _evaluate_samples,
         make_model,
