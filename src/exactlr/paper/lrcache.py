@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -36,16 +36,14 @@ from exactlr.paper.runconfig import TrainConfig
 from exactlr.paper.scales import Scale
 from exactlr.paper.store import (
     finder_cache_path,
+    load_or_set_aside,
     lr_cache_path,
     read_json,
-    set_aside,
     write_json_atomic,
 )
 from exactlr.stepsize import exact_step_size, suggest_lr
 
 __all__ = ["LRKey", "finder_entry", "ours_entry"]
-
-log = logging.getLogger("exactlr")
 
 
 @dataclass(frozen=True)
@@ -163,21 +161,14 @@ def _cached(
 ) -> dict[str, Any] | None:
     """The valid entry at ``path``, or None: a missing file, or an invalid one, which is
     named in one log line and set aside (``out_dir/aside``) to be recomputed."""
-    if not path.is_file():
-        return None
-    try:
-        entry = read_json(path, what="LR cache entry")
-    except ValueError as err:
-        problem = f"is unreadable ({err})"
-    else:
-        problem = _entry_problem(entry, key, provenance, total_steps)
-        if problem is None:
-            return entry
-    aside = set_aside(out_dir, path)
-    log.warning(
-        "LR cache entry %s %s; recomputing it (the old file is now %s)", path, problem, aside
+    return load_or_set_aside(
+        path,
+        out_dir,
+        functools.partial(read_json, what="LR cache entry"),
+        lambda entry: _entry_problem(entry, key, provenance, total_steps),
+        what="LR cache entry",
+        redo="recomputing it",
     )
-    return None
 
 
 def _shared_estimate(

@@ -36,10 +36,10 @@ from exactlr.paper.stopping import raise_if_stop_requested
 from exactlr.paper.store import (
     check_out_dir,
     checkpoint_path,
+    load_or_set_aside,
     manifest_path,
     read_json,
     run_path,
-    set_aside,
     write_json_atomic,
 )
 from exactlr.paper.training import TrainConfig, first_samples, train_run
@@ -344,19 +344,17 @@ def _finished(path: Path, plan: PlannedRun, prepared: _Prepared, out: Path) -> b
     ours = prepared.ours
     finder = ours.get("finder")
     cfg = plan.resolve(float(ours["lr"]), float(finder["lr"]) if finder else None)
-    try:
-        data = load_result(path)
-    except ValueError as err:
-        problem: str | None = f"is unreadable ({err})"
-    else:
-        problem = plan_mismatch(
+    data = load_or_set_aside(
+        path,
+        out,
+        load_result,
+        lambda data: plan_mismatch(
             data, cfg, prepared.provenance, cfg.total_steps(len(prepared.train))
-        )
-        if problem is None:
-            return True
-    aside = set_aside(out, path)
-    log.warning("result %s %s; rerunning it (the old file is now %s)", path, problem, aside)
-    return False
+        ),
+        what="result",
+        redo="rerunning it",
+    )
+    return data is not None
 
 
 @contextlib.contextmanager

@@ -27,12 +27,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -44,6 +45,7 @@ __all__ = [
     "encode_nonfinite",
     "file_mode",
     "finder_cache_path",
+    "load_or_set_aside",
     "loads_strict",
     "lr_cache_path",
     "manifest_path",
@@ -60,6 +62,9 @@ __all__ = [
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 PathLike = str | os.PathLike[str]
+T = TypeVar("T")
+
+log = logging.getLogger("exactlr")
 
 
 # ------------------------------------------------------------------------------ layout
@@ -126,6 +131,47 @@ def set_aside(out_dir: PathLike, path: PathLike) -> Path:
     target = base.with_name(f"{base.name}.{n}")
     os.replace(path, target)
     return target
+
+
+def load_or_set_aside(
+    path: PathLike,
+    out_dir: PathLike,
+    load: Callable[[Path], T],
+    problem: Callable[[T], str | None],
+    *,
+    what: str,
+    redo: str,
+) -> T | None:
+    """The file at ``path`` as ``load`` reads it, if ``problem`` finds nothing wrong.
+
+    A missing file gives None. A file that ``load`` rejects (``ValueError``: truncated,
+    not strict JSON, another schema) or of which ``problem`` returns a description (another
+    setting, data or w0) is named in one warning, ``"<what> <path> <problem>; <redo> (the
+    old file is now <aside>)"``, moved aside with :func:`set_aside` and gives None, so the
+    caller recomputes it.
+
+    Args:
+        path: The cached file, under ``out_dir``.
+        out_dir: The results root (``aside/`` is made there).
+        load: Reads and checks the file's form; raises ``ValueError`` naming the problem.
+        problem: What makes the loaded value wrong for the caller's plan, or None.
+        what: The kind of file, for the warning (``"result"``, ``"LR cache entry"``).
+        redo: What the caller does instead, for the warning (``"rerunning it"``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = load(path)
+    except ValueError as err:
+        found: str | None = f"is unreadable ({err})"
+    else:
+        found = problem(data)
+        if found is None:
+            return data
+    aside = set_aside(out_dir, path)
+    log.warning("%s %s %s; %s (the old file is now %s)", what, path, found, redo, aside)
+    return None
 
 
 def confined_path(out_dir: PathLike, relative: Any, *, what: str) -> Path:
