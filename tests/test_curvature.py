@@ -1,9 +1,10 @@
 """Tests of exactlr.curvature against float64 dense references (STYLE.md rule 2).
 
-The dense reference Hessian is built with ``torch.autograd.functional.hessian`` (plain
-double backward). ``torch.func.hessian`` is *not* used: in torch 2.13 its vmap-over-jvp
-gives wrong Hessians for BatchNorm in batch-statistics mode (error ~0.1 on a tiny model),
-while double backward agrees with the operator to ~1e-15.
+The dense reference Hessian is ``dense_hessian`` of ``tests/conftest.py``, built with
+``torch.autograd.functional.hessian`` (plain double backward). ``torch.func.hessian`` is
+*not* used: in torch 2.13 its vmap-over-jvp gives wrong Hessians for BatchNorm in
+batch-statistics mode (error ~0.1 on a tiny model), while double backward agrees with
+the operator to ~1e-15.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from torch import Tensor, nn
 
+from conftest import dense_hessian
 from exactlr.curvature import (
     HessianOperator,
     hessian_spectral_norm,
@@ -32,28 +34,6 @@ Batches = list[tuple[Tensor, Tensor]]
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def dense_hessian(model: nn.Module, loss_fn, batches: Batches) -> Tensor:
-    """Hessian of sum_b (n_b / N) loss_fn(model(x_b), y_b) by double backward (float64)."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p.detach() for n, p in model.named_parameters() if p.requires_grad]
-    shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
-    total = sum(len(x) for x, _ in batches)
-    with training_loss_mode(model):
-        buffers = dict(model.named_buffers())
-
-        def loss(flat: Tensor) -> Tensor:
-            chunks = [c.view(s) for c, s in zip(flat.split(sizes), shapes, strict=True)]
-            p = dict(zip(names, chunks, strict=True))
-            out = 0.0
-            for x, y in batches:
-                outputs = torch.func.functional_call(model, (p, buffers), (x,))
-                out = out + len(x) / total * loss_fn(outputs, y)
-            return out
-
-        flat = torch.cat([p.reshape(-1) for p in params])
-        return torch.autograd.functional.hessian(loss, flat)
 
 
 def snapshot(model: nn.Module) -> dict:

@@ -1,7 +1,7 @@
 """Tests of exactlr.curvature.rewrites: the rewritten loss is the same function, in float64.
 
 The Hessian references are dense double-backward Hessians of the model *as given*
-(``tests.test_curvature.dense_hessian``, no rewrites), so each rewrite is checked
+(``dense_hessian`` of ``tests/conftest.py``, no rewrites), so each rewrite is checked
 against an evaluation that never saw it.
 """
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from conftest import dense_hessian
 from exactlr.curvature import (
     HessianOperator,
     StackedHessianOperator,
@@ -28,7 +29,6 @@ from exactlr.curvature.rewrites import (
     median_shift,
     shifted_input_layer,
 )
-from test_curvature import dense_hessian
 
 DTYPE = torch.float64
 

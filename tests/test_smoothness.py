@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exactlr.curvature import SpectralOptions, hessian_spectral_norm, training_loss_mode
+from conftest import dense_hessian
+from exactlr.curvature import SpectralOptions, hessian_spectral_norm
 from exactlr.smoothness import SampleRecord, estimate_smoothness
 
 DTYPE = torch.float64
@@ -31,25 +32,7 @@ def batches(sizes: tuple[int, ...] = (7, 13), seed: int = 1) -> list[tuple[Tenso
 
 def dense_norm(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> tuple[float, float]:
     """(lambda_max, lambda_min) of the size-weighted mean loss, by double backward."""
-    names = [n for n, _ in model.named_parameters()]
-    params = [p.detach() for p in model.parameters()]
-    sizes, shapes = [p.numel() for p in params], [p.shape for p in params]
-    total = sum(len(x) for x, _ in data)
-    with training_loss_mode(model):
-        buffers = dict(model.named_buffers())
-
-        def loss(flat: Tensor) -> Tensor:
-            chunks = [c.view(s) for c, s in zip(flat.split(sizes), shapes, strict=True)]
-            p = dict(zip(names, chunks, strict=True))
-            return sum(
-                len(x)
-                / total
-                * F.cross_entropy(torch.func.functional_call(model, (p, buffers), (x,)), y)
-                for x, y in data
-            )
-
-        h = torch.autograd.functional.hessian(loss, torch.cat([p.reshape(-1) for p in params]))
-    eig = torch.linalg.eigvalsh(h)
+    eig = torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, data))
     return float(eig[-1]), float(eig[0])
 
 

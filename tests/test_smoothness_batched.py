@@ -1,8 +1,7 @@
 """Tests of the batched path of Algorithm 2: stacked weight samples under vmap.
 
-References are float64 dense Hessians by double backward
-(``torch.autograd.functional.hessian``; ``torch.func.hessian`` is wrong for BatchNorm in
-batch-statistics mode in this torch) and the sequential code paths.
+References are float64 dense Hessians by double backward (``dense_hessian`` of
+``tests/conftest.py``) and the sequential code paths.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from conftest import dense_hessian
 from exactlr.curvature import (
     HessianOperator,
     StackedHessianOperator,
@@ -73,25 +73,7 @@ def draw(kind: str, seeds: list[int]) -> list[nn.Module]:
 
 def dense_extremes(model: nn.Module, data: Batches) -> tuple[float, float]:
     """(lambda_max, lambda_min) of the size-weighted mean loss, by double backward."""
-    named = [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad]
-    names, params = [n for n, _ in named], [p for _, p in named]
-    sizes, shapes = [p.numel() for p in params], [p.shape for p in params]
-    total = sum(len(x) for x, _ in data)
-    with training_loss_mode(model):
-        buffers = dict(model.named_buffers())
-
-        def loss(flat: Tensor) -> Tensor:
-            chunks = [c.view(s) for c, s in zip(flat.split(sizes), shapes, strict=True)]
-            p = dict(zip(names, chunks, strict=True))
-            return sum(
-                len(x)
-                / total
-                * F.cross_entropy(torch.func.functional_call(model, (p, buffers), (x,)), y)
-                for x, y in data
-            )
-
-        h = torch.autograd.functional.hessian(loss, torch.cat([p.reshape(-1) for p in params]))
-    eig = torch.linalg.eigvalsh(h)
+    eig = torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, data))
     return float(eig[-1]), float(eig[0])
 
 

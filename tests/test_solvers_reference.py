@@ -5,7 +5,7 @@
 the dense Hessian's extreme eigenvalues; with ``target="norm"`` that ``value`` is within
 ``tol * value`` of the spectral norm and the other end lies inside the spectrum. The
 dense reference is ``torch.autograd.functional.hessian`` (plain double backward) over
-the flattened parameters, as in ``tests/test_curvature.py``.
+the flattened parameters (``dense_hessian`` of ``tests/conftest.py``).
 
 A residual bound cannot see an extreme eigenvalue that the Krylov space has not picked
 up; over a random start that is a matter of chance, so these tests count over 30 weight
@@ -20,8 +20,9 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
+from conftest import dense_hessian
 from exactlr.curvature import (
     HessianOperator,
     hessian_spectral_norm,
@@ -74,25 +75,7 @@ def problem(family: str, seed: int, data_seed: int | None = None) -> tuple:
 def dense_extremes(family: str, seed: int, data_seed: int | None = None) -> tuple[float, float]:
     """``(lambda_min, lambda_max)`` of the dense float64 Hessian (double backward)."""
     model, loss_fn, batches = problem(family, seed, data_seed)
-    names = [n for n, _ in model.named_parameters()]
-    params = [p.detach() for p in model.parameters()]
-    shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
-    total = sum(len(x) for x, _ in batches)
-    with training_loss_mode(model):
-        buffers = dict(model.named_buffers())
-
-        def loss(flat: Tensor) -> Tensor:
-            chunks = [c.view(s) for c, s in zip(flat.split(sizes), shapes, strict=True)]
-            p = dict(zip(names, chunks, strict=True))
-            out = 0.0
-            for x, y in batches:
-                outputs = torch.func.functional_call(model, (p, buffers), (x,))
-                out = out + len(x) / total * loss_fn(outputs, y)
-            return out
-
-        hessian = torch.autograd.functional.hessian(
-            loss, torch.cat([p.reshape(-1) for p in params])
-        )
+    hessian = dense_hessian(model, loss_fn, batches)
     eig = torch.linalg.eigvalsh(hessian)
     return float(eig[0]), float(eig[-1])
 
