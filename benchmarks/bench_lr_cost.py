@@ -10,13 +10,26 @@ paper init preset), in one process, inside ``keep_freed_memory`` as under the co
    each setting of ``--settings``: ``tight`` (``tol=1e-6``, every sample to tol: the
    reference alpha), ``old`` (``tol=1e-4``, every sample to tol: the defaults before the
    step size had its own tolerance), ``default`` (the defaults: ``LR_TOL`` and the stop
-   below the running maximum), and ``tol=X`` (the defaults with that tolerance);
+   below the running maximum, ``subsample="auto"``), ``tol=X`` (the defaults with that
+   tolerance), ``sub=X`` (the defaults with that ``subsample``, ``none``: a random
+   start), and ``baseline=COMMIT``: ``suggest_lr`` at its defaults in the source of
+   that git commit (exported with ``git archive`` to a temporary folder and run in a
+   child process; the parent waits for it, so it runs alone), e.g. the defaults of an
+   earlier release. A setting may end in ``#K`` to run it again (interleaved repeats);
+
 3. one line per setting: alpha, its relative difference from ``tight``, full-data
    products, seconds, seconds against ``old`` and against the training run.
 
     .venv/bin/python benchmarks/bench_lr_cost.py --config fig6 --samples 3
     .venv/bin/python benchmarks/bench_lr_cost.py --config fig1 --samples 20 --settings old,default
     .venv/bin/python benchmarks/bench_lr_cost.py --config fig3 --num-train 10000 --samples 3
+    .venv/bin/python benchmarks/bench_lr_cost.py --config fig6 --samples 20 \
+        --settings baseline=06efd53,old,default
+
+Every setting draws its samples with ``make_model = build_model(name, init="paper")``
+(the figure's preset) from the same generator seed; a baseline commit draws them with
+its own Algorithm 2, which for 06efd53 gives the same samples (its K_hat at
+``tol=1e-4`` equals ``old``'s), so its alpha is a reference too.
 
 The sample count ``--samples`` is Algorithm 2's N (the paper's 20); with fewer, the
 seconds scale with N (every sample is a solver run of the same kind).
@@ -27,8 +40,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,19 +66,24 @@ CONFIGS = {  # dataset, subset, model, batch size (None: full batch), epochs
 def settings(names: list[str]) -> dict[str, dict]:
     """The keyword arguments of ``suggest_lr`` for each named setting."""
     out = {}
-    for name in names:
+    for label in names:
+        name = label.split("#")[0]
         if name == "tight":
-            out[name] = {"tol": 1e-6, "stop_below_max": False, "max_iters": 300}
+            out[label] = {"tol": 1e-6, "stop_below_max": False, "max_iters": 300}
         elif name == "old":
-            out[name] = {"tol": 1e-4, "stop_below_max": False}
+            out[label] = {"tol": 1e-4, "stop_below_max": False}
         elif name == "default":
-            out[name] = {}
+            out[label] = {}
         elif name.startswith("tol="):
-            out[name] = {"tol": float(name[4:])}
+            out[label] = {"tol": float(name[4:])}
         elif name.startswith("sub="):
-            out[name] = {"subsample": float(name[4:])}
+            value = name[4:]
+            share = None if value == "none" else value if value == "auto" else float(value)
+            out[label] = {"subsample": share}
+        elif name.startswith("baseline="):
+            out[label] = {"baseline": name[9:]}
         else:
-            raise SystemExit(f"unknown setting {name!r}")
+            raise SystemExit(f"unknown setting {label!r}")
     return out
 
 
@@ -77,17 +100,8 @@ def train_seconds(model: torch.nn.Module, batches: list, epochs: int) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="fig6")
-    parser.add_argument("--samples", type=int, default=3, help="Algorithm 2's N")
-    parser.add_argument("--num-train", type=int, default=None, help="first N training images")
-    parser.add_argument("--settings", default="tight,old,default,tol=0.03,tol=0.1")
-    parser.add_argument("--train-epochs", type=int, default=3, help="epochs timed")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--data-dir", default=os.environ.get("EXACTLR_DATA", "/work/shared/data"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def setup(args: argparse.Namespace) -> tuple:
+    """The figure's model at w0 (seed 0), its batches, T and ``make_model``."""
     dataset, subset, name, batch_size, epochs = CONFIGS[args.config]
     train, _ = load_dataset(dataset, subset=subset, data_dir=args.data_dir, seed=0)
     if args.num_train is not None:
@@ -97,49 +111,129 @@ def main() -> None:
     model = build_model(
         name, dataset=dataset, init="paper", generator=torch.Generator().manual_seed(0)
     )
-    steps = epochs * len(batches)
+
+    def make_model() -> torch.nn.Module:
+        return build_model(name, dataset=dataset, init="paper")
+
+    return model, batches, epochs * len(batches), make_model
+
+
+def run_setting(args: argparse.Namespace, kwargs: dict, setup_: tuple) -> dict:
+    """``suggest_lr`` with ``kwargs`` (timed): alpha, K_hat, products, seconds."""
+    model, batches, steps, make_model = setup_
+    start = time.perf_counter()
+    s = suggest_lr(
+        model,
+        F.cross_entropy,
+        batches,
+        total_steps=steps,
+        make_model=make_model,
+        num_samples=args.samples,
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )
+    seconds = time.perf_counter() - start
+    records = s.estimate.records
+    return {
+        "lr": s.lr,
+        "k_hat": s.k_hat,
+        "products": s.estimate.num_hvps,
+        "subsample": sum(getattr(r, "subsample_hvps", 0) for r in records),
+        "ceiling": sum(getattr(r, "certified", "") == "ceiling" for r in records),
+        "samples": len(records),
+        "seconds": seconds,
+    }
+
+
+def _one(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with one sample (the warm-up)."""
+    return argparse.Namespace(**{**vars(args), "samples": 1})
+
+
+def run_baseline(args: argparse.Namespace, commit: str) -> dict:
+    """:func:`run_setting` at the defaults of ``commit``'s source, in a child process."""
+    root = Path(__file__).resolve().parents[1]
+    sha = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short=12", commit],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    src = Path(tempfile.gettempdir()) / f"exactlr-src-{sha}"
+    if not (src / "src" / "exactlr").is_dir():
+        src.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", sha, "src"], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    command = [sys.executable, __file__, "--worker", *sys.argv[1:]]
+    env = {**os.environ, "PYTHONPATH": str(src / "src")}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="fig6")
+    parser.add_argument("--samples", type=int, default=3, help="Algorithm 2's N")
+    parser.add_argument("--num-train", type=int, default=None, help="first N training images")
+    parser.add_argument("--settings", default="tight,old,default,tol=0.03,tol=0.1")
+    parser.add_argument("--train-epochs", type=int, default=3, help="epochs timed")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", default=os.environ.get("EXACTLR_DATA", "/work/shared/data"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    setup_ = setup(args)
+    if args.worker:  # a baseline commit's defaults; one JSON line for the parent
+        with keep_freed_memory():
+            train_seconds(setup_[0], setup_[1], 1)  # warm up as the parent does
+            run_setting(_one(args), {}, setup_)
+            print(json.dumps(run_setting(args, {}, setup_)))
+        return
+    model, batches, steps, _ = setup_
     images = sum(len(x) for x, _ in batches)
     print(
-        f"{args.config}: {name}, {images} images, {len(batches)} batch(es), T = {steps}, "
-        f"N = {args.samples}, {args.threads} threads, torch {torch.__version__}"
+        f"{args.config}: {CONFIGS[args.config][2]}, {images} images, {len(batches)} batch(es), "
+        f"T = {steps}, N = {args.samples}, {args.threads} threads, torch {torch.__version__}"
     )
+    epochs = CONFIGS[args.config][4]
     with keep_freed_memory():
         run = train_seconds(model, batches, args.train_epochs) * epochs / args.train_epochs
         print(
             f"{args.config}: one training run ({epochs} epochs, "
             f"from {args.train_epochs} timed) {run:.1f} s"
         )
+        # Untimed warm-up (one sample): the first solver run of a process pays for
+        # first-touch allocations that would otherwise count against the first setting.
+        run_setting(_one(args), {}, setup_)
         rows = {}
         for label, kwargs in settings(args.settings.split(",")).items():
-            start = time.perf_counter()
-            s = suggest_lr(
-                model,
-                F.cross_entropy,
-                batches,
-                total_steps=steps,
-                num_samples=args.samples,
-                generator=torch.Generator().manual_seed(0),
-                **kwargs,
-            )
-            rows[label] = (s, time.perf_counter() - start)
-    # The reference alpha: ``tight``, else ``old`` (every sample certified to 1e-4, so
-    # its alpha is within 5e-5 of the exact norms' alpha on the same samples).
-    ref_label = "tight" if "tight" in rows else "old" if "old" in rows else None
-    ref = rows[ref_label][0] if ref_label else None
-    old = rows.get("old")
-    for label, (s, seconds) in rows.items():
-        est = s.estimate
-        full = est.num_hvps
-        sub = sum(r.subsample_hvps for r in est.records)
-        diff = f"{s.lr / ref.lr - 1:+.2e}" if ref else "-"
-        speed = f"{old[1] / seconds:.2f}x" if old else "-"
-        ceil = sum(r.certified == "ceiling" for r in est.records)
+            if "baseline" in kwargs:
+                rows[label] = run_baseline(args, kwargs["baseline"])
+            else:
+                rows[label] = run_setting(args, kwargs, setup_)
+    report(args.config, rows, run)
+
+
+def report(config: str, rows: dict[str, dict], run: float) -> None:
+    """One line per setting: alpha against the reference, products, seconds, ratios.
+
+    The reference alpha is ``tight``'s, else ``old``'s, else the baseline's (every
+    sample certified to 1e-4 in the last two, so alpha within 5e-5 of the exact norms'
+    alpha on the same samples); speed-ups are against the baseline, else ``old``.
+    """
+    base = next((k for k in rows if k.startswith("baseline=")), "old" if "old" in rows else None)
+    ref = "tight" if "tight" in rows else "old" if "old" in rows else base
+    for label, row in rows.items():
+        diff = f"vs {ref} {row['lr'] / rows[ref]['lr'] - 1:+.2e}" if ref else "no reference"
+        speed = f"{rows[base]['seconds'] / row['seconds']:.2f}x" if base else "-"
+        sub = f" + {row['subsample']} subsample" if row["subsample"] else ""
         print(
-            f"{args.config} {label}: alpha {s.lr:.6g} (vs {ref_label} {diff}), "
-            f"K_hat {s.k_hat:.6g}, "
-            f"products {full}{f' + {sub} subsample' if sub else ''}, "
-            f"{ceil}/{len(est.records)} samples stopped below the max, {seconds:.1f} s, "
-            f"speed-up over old {speed}, {seconds / run:.2f} training runs"
+            f"{config} {label}: alpha {row['lr']:.6g} ({diff}), K_hat {row['k_hat']:.6g}, "
+            f"products {row['products']}{sub}, {row['ceiling']}/{row['samples']} samples "
+            f"stopped below the max, {row['seconds']:.1f} s, speed-up over {base} {speed}, "
+            f"{row['seconds'] / run:.2f} training runs"
         )
 
 

@@ -111,7 +111,10 @@ CLI_CASES: list[tuple[str, str]] = [
     ("lr --samples 0", "argument --samples"),
     ("lr --model fc1x8 --batch-size 100000 --quiet", "batch_size=100000 is larger"),
     ("lr --device bogus", "--device 'bogus'"),
-    ("lr --subsample 1.5", "argument --subsample: expected a share strictly between 0 and 1"),
+    (
+        "lr --subsample 1.5",
+        "argument --subsample: expected 'auto', 'none' or a share strictly between 0 and 1",
+    ),
     ("lr --subsample 0.1 --method power", "--subsample 0.1 needs --method lanczos"),
     ("lr --dataset mnist --data-dir {truncated} --quiet", "corrupted or truncated"),
     ("lr --dataset mnist --data-dir {corrupted} --quiet", "corrupted or truncated"),

@@ -638,6 +638,37 @@ def test_multi_fidelity_default_tolerance_on_norm() -> None:
         assert abs(res.value - norm) <= 1e-3 * norm, setup
 
 
+def test_auto_subsample_share_by_example_count() -> None:
+    from exactlr.curvature.options import resolve_subsample
+
+    assert resolve_subsample("auto", 1999) is None  # 200 examples would be over 10%
+    assert resolve_subsample("auto", 2000) == pytest.approx(0.1)
+    assert resolve_subsample("auto", 2500) == pytest.approx(0.08)
+    assert resolve_subsample("auto", 5500) == 0.05
+    assert resolve_subsample("auto", 60000) == 0.05
+    assert resolve_subsample("auto", 60000, method="power") is None
+    assert resolve_subsample(0.3, 10) == 0.3 and resolve_subsample(None, 10**6) is None
+
+
+def test_auto_subsample_starts_from_a_subsample_on_many_examples() -> None:
+    """The default (``subsample="auto"``) takes a subsample start from 2,000 examples
+    on, none below, and certifies the same norm as the dense float64 Hessian."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    for n, started in ((1999, False), (2400, True)):
+        x = torch.randn(n, 5, dtype=torch.float64)
+        y = torch.randint(0, 3, (n,))
+        batches = [(x[: n // 2], y[: n // 2]), (x[n // 2 :], y[n // 2 :])]
+        norm = float(
+            torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, batches)).abs().max()
+        )
+        res = hessian_spectral_norm(
+            model, F.cross_entropy, batches, tol=1e-6, generator=torch.Generator().manual_seed(0)
+        )
+        assert (res.subsample_hvps > 0) is started, n
+        assert res.converged and abs(res.value - norm) <= 1e-5 * norm, n
+
+
 def test_subsample_batches_keeps_each_batch_share() -> None:
     from exactlr.curvature import subsample_batches
 
@@ -658,6 +689,8 @@ def test_subsample_batches_keeps_each_batch_share() -> None:
         {"subsample": 1.0},
         {"subsample": 0.0},
         {"subsample": 0.5, "method": "power"},
+        {"subsample": "half"},
+        {"subsample": True},
         {"target": "norm", "method": "power"},
         {"target": "max"},
     ],

@@ -399,7 +399,9 @@ def test_single_process_defaults() -> None:
 
 def test_torchrun_cli_prints_once_and_matches_one_process(tmp_path: Path) -> None:
     # Whole batches per rank: the paper's FC networks have BatchNorm.
+    # A random start: each rank would draw its own subsample (same answer to --tol only).
     args = ["lr", "--model", "fc1x16", "--batch-size", "100", "--samples", "2", "--json"]
+    args += ["--subsample", "none"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(
         [sys.executable, "-m", "exactlr", *args],

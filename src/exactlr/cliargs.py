@@ -151,6 +151,18 @@ def share_arg(text: str) -> float:
     return _open_unit(text, "a share")
 
 
+def subsample_arg(text: str) -> float | str | None:
+    """argparse type: ``auto``, ``none`` (a random start) or a share in (0, 1)."""
+    if text.lower() in ("auto", "none"):
+        return "auto" if text.lower() == "auto" else None
+    try:
+        return _open_unit(text, "a share")
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto', 'none' or a share strictly between 0 and 1, got {text!r}"
+        ) from None
+
+
 def batch_size_arg(text: str) -> int | None:
     """argparse type: ``full`` (one batch: None) or a positive integer."""
     if text.lower() == "full":

@@ -37,7 +37,7 @@ from exactlr.cliargs import (
     non_negative_int,
     positive_float,
     positive_int,
-    share_arg,
+    subsample_arg,
     tol_arg,
 )
 from exactlr.curvature import SpectralOptions, full_loss, materialize_batches
@@ -252,10 +252,11 @@ def _print_text(s: LRSuggestion, inputs: _Inputs, args: argparse.Namespace, devi
     )
     est = s.estimate
     if args.k_hat is None:
-        sub = f"  HVPs on {args.subsample:.0%} of the data" if args.subsample is not None else ""
+        started = any(r.subsample_hvps for r in est.records)
+        sub = "  HVPs on a subsample" if started else ""
         print(f"  sample  ||H||_2       lambda_max    lambda_min    HVPs  seconds{sub}")
         for r in est.records:
-            extra = f"  {r.subsample_hvps:>9}" if args.subsample is not None else ""
+            extra = f"  {r.subsample_hvps:>20}" if started else ""
             print(
                 f"  {r.index:>6}  {r.value:<12.6g}  {r.lambda_max:<12.6g}  {r.lambda_min:<12.6g}"
                 f"  {r.num_hvps:>4}  {r.seconds:7.2f}{extra}"
@@ -308,12 +309,14 @@ def add_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> argparse.
     )
     lr.add_argument(
         "--subsample",
-        type=share_arg,
-        default=None,
+        type=subsample_arg,
+        default="auto",
         metavar="SHARE",
         help="start each sample's Lanczos on the Hessian of this share of the data (e.g. "
         "0.1), then finish on all of it to --tol: fewer full-data products (with the "
-        "minibatch variant: a share of each batch; needs --method lanczos)",
+        "minibatch variant: a share of each batch; a share needs --method lanczos). "
+        "Default auto: 5%% of 2,000 examples or more (at least 200), none below; none: "
+        "a random start",
     )
     lr.add_argument(
         "--patience",
@@ -371,7 +374,7 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
         ValueError: Input the user can fix (the CLI prints it as one line, exit 2).
     """
 
-    if args.subsample is not None and args.method != "lanczos":
+    if args.subsample not in (None, "auto") and args.method != "lanczos":
         raise ValueError(
             f"--subsample {args.subsample:g} needs --method lanczos (got --method "
             f"{args.method}); drop --subsample or use lanczos"

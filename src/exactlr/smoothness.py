@@ -231,12 +231,13 @@ def _check_same_batch_counts(count: int, group: dist.ProcessGroup) -> None:
 
 
 def _can_batch(variant: str, options: SpectralOptions, objective: Objective) -> bool:
-    """Whether samples can be stacked: full-data Lanczos without a subsample start, on
-    ``(inputs, targets)`` pairs (see :func:`~exactlr.curvature.hessian_spectral_norms`)."""
+    """Whether samples can be stacked: full-data Lanczos without a subsample share, on
+    ``(inputs, targets)`` pairs (see :func:`~exactlr.curvature.hessian_spectral_norms`);
+    stacked samples start from random vectors, so ``subsample="auto"`` means none there."""
     return (
         variant == "full"
         and options.method == "lanczos"
-        and options.subsample is None
+        and options.subsample in (None, "auto")
         and objective.pairs
     )
 
@@ -349,8 +350,9 @@ def estimate_smoothness(
             were evaluated but are dropped (counted in ``discarded``), so the result is
             the sequential one. A record's ``seconds`` is its group's wall time divided by
             the group size. Only ``variant="full"`` with ``method="lanczos"``, no
-            ``subsample`` and a ``loss_fn`` on pairs is batched; otherwise the samples
-            are evaluated one by one (as with 1). Default 1: one at a time.
+            ``subsample`` share (``"auto"``: stacked samples start from random
+            vectors) and a ``loss_fn`` on pairs is batched; otherwise the samples are
+            evaluated one by one (as with 1). Default 1: one at a time.
         options: How each spectral norm is computed
             (:class:`~exactlr.curvature.SpectralOptions`); default: its defaults.
         process_group: Several processes (:mod:`exactlr.curvature.distributed`): a

@@ -17,6 +17,38 @@ from exactlr.curvature.solvers import TARGETS
 
 METHODS = ("lanczos", "power")
 
+#: ``subsample="auto"``: the share of the data whose Hessian gives the start vector,
+#: :data:`AUTO_SUBSAMPLE_SHARE`, raised so that the subsample holds at least
+#: :data:`AUTO_SUBSAMPLE_MIN` examples, and no subsample at all where that share would
+#: exceed :data:`AUTO_SUBSAMPLE_MAX` (under 2,000 examples: a product is cheap there and
+#: a subsample of a few examples gives a poor start). ``benchmarks/bench_lr_cost.py``
+#: (``sub=`` settings) and ``benchmarks/bench_pyhessian.py`` measure the choice.
+AUTO_SUBSAMPLE_SHARE = 0.05
+AUTO_SUBSAMPLE_MIN = 200
+AUTO_SUBSAMPLE_MAX = 0.1
+
+
+def resolve_subsample(
+    subsample: float | str | None, num_examples: int, method: str = "lanczos"
+) -> float | None:
+    """The subsample share that ``subsample`` means for ``num_examples`` examples.
+
+    A number or None is itself; ``"auto"`` is ``max(AUTO_SUBSAMPLE_SHARE,
+    AUTO_SUBSAMPLE_MIN / num_examples)``, or None when that exceeds
+    ``AUTO_SUBSAMPLE_MAX`` or ``method`` is not ``"lanczos"`` (power iteration takes no
+    start from a subsample).
+
+    Example:
+        >>> resolve_subsample("auto", 5500), resolve_subsample("auto", 1000)
+        (0.05, None)
+    """
+    if subsample != "auto":
+        return subsample  # type: ignore[return-value]
+    if method != "lanczos" or num_examples <= 0:
+        return None
+    share = max(AUTO_SUBSAMPLE_SHARE, AUTO_SUBSAMPLE_MIN / num_examples)
+    return share if share <= AUTO_SUBSAMPLE_MAX else None
+
 
 @dataclass(frozen=True)
 class SpectralOptions:
@@ -33,8 +65,10 @@ class SpectralOptions:
         hvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"`` (see
             :mod:`exactlr.curvature.operators`).
         subsample: Multi-fidelity start (Lanczos only): the share of every batch whose
-            Hessian gives the start vector (see :func:`hessian_spectral_norm`); None: a
-            random start vector.
+            Hessian gives the start vector (see :func:`hessian_spectral_norm`);
+            ``"auto"`` (the default): a share that depends on the number of examples
+            (:func:`resolve_subsample`: 5% of 2,000 examples or more, none below);
+            None: a random start vector.
         subsample_tol: Relative tolerance of the subsample run.
         target: ``"both"``: ``tol`` bounds both extremes (relative to the norm);
             ``"norm"``: only the norm (see :func:`~exactlr.curvature.solvers.lanczos`);
@@ -58,7 +92,7 @@ class SpectralOptions:
     tol: float | None = None
     max_iters: int = 100
     hvp_mode: str = "auto"
-    subsample: float | None = None
+    subsample: float | str | None = "auto"
     subsample_tol: float = 1e-2
     target: str | None = None
     rewrite: bool = True
@@ -108,11 +142,15 @@ class SpectralOptions:
             raise ValueError(f"tol is a relative accuracy strictly between 0 and 1, got {tol=}")
         if not isinstance(max_iters, int) or max_iters < 1:
             raise ValueError(f"max_iters must be a positive integer, got {max_iters=}")
-        if subsample is not None and not (
-            isinstance(subsample, int | float) and 0 < subsample < 1 and self.method == "lanczos"
+        if subsample not in (None, "auto") and not (
+            isinstance(subsample, int | float)
+            and not isinstance(subsample, bool)
+            and 0 < subsample < 1
+            and self.method == "lanczos"
         ):
             raise ValueError(
-                f"subsample must be None or in (0, 1) with method='lanczos', got {subsample=}"
+                "subsample must be None, 'auto' or a share in (0, 1) with method='lanczos', "
+                f"got {subsample=}"
             )
         target = self.target
         if target is not None and (

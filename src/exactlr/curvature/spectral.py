@@ -37,7 +37,7 @@ from exactlr.curvature.distributed import (
 )
 from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
 from exactlr.curvature.operators import HessianOperator
-from exactlr.curvature.options import METHODS, SpectralOptions
+from exactlr.curvature.options import METHODS, SpectralOptions, resolve_subsample
 from exactlr.curvature.solvers import (
     TARGETS,
     EigenResult,
@@ -110,7 +110,7 @@ def hessian_spectral_norm(
     max_iters: int = 100,
     generator: torch.Generator | None = None,
     hvp_mode: str = "auto",
-    subsample: float | None = None,
+    subsample: float | str | None = "auto",
     subsample_tol: float = 1e-2,
     target: str | None = None,
     rewrite: bool = True,
@@ -151,7 +151,10 @@ def hessian_spectral_norm(
             Ritz pairs and stop it with the full-data error bound as usual. The answer
             and its bound are the full-data ones; the subsample only buys a start vector
             (with BatchNorm its Hessian is of a different function, still a close one).
-            None: a random start vector.
+            ``"auto"`` (the default): 5% of the examples when there are 2,000 or more
+            (at least 200), else a random start
+            (:func:`~exactlr.curvature.options.resolve_subsample`); None: a random
+            start vector.
         subsample_tol: Relative tolerance of the subsample run.
         target: ``"norm"`` (the default with Lanczos): only ``value`` is certified to
             ``tol`` and the smaller end is an estimate; from one random start vector,
@@ -274,8 +277,9 @@ def solve_spectral_norm(
         v0 = shared_start(op, v0)
         try:
             subsample_hvps = 0
-            if options.subsample is not None:
-                v0, subsample_hvps = _subsample_start(op, v0, options, generator)
+            share = resolve_subsample(options.subsample, _num_examples(op), options.method)
+            if share is not None:
+                v0, subsample_hvps = _subsample_start(op, v0, share, options, generator)
             res = _solve(op, v0, options, generator, ceiling)
         finally:
             op.release()
@@ -334,20 +338,30 @@ def _solve(
     )
 
 
+def _num_examples(op: HessianOperator | DataParallelOperator) -> int:
+    """The examples behind ``op``'s loss: this process's, or all ranks' for a
+    data-parallel operator (``N_r / share``), so that every rank decides alike."""
+    local = sum(op.sizes)
+    if isinstance(op, DataParallelOperator):
+        return round(local / op.share) if op.share > 0 else 0
+    return local
+
+
 def _subsample_start(
     op: HessianOperator,
     v0: Tensor,
+    share: float,
     options: SpectralOptions,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, int]:
-    """Start vector for the full-data Lanczos from the Ritz pairs of a subsample Hessian.
+    """Start vector for the full-data Lanczos from the Ritz pairs of the Hessian of a
+    ``share`` of every batch.
 
     Returns the start vector and the subsample products spent.
     """
-    assert options.subsample is not None
     # A local generator when none is given: library code leaves the global RNG alone.
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    data = subsample_batches(op.batches, options.subsample, generator=generator, sizes=op.sizes)
+    data = subsample_batches(op.batches, share, generator=generator, sizes=op.sizes)
     sub = HessianOperator(
         op.model, objective=op.objective, batches=data, hvp_mode=op.hvp_mode, rewrite=op.rewrite
     )
