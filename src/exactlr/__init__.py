@@ -12,7 +12,8 @@ Module map (data flows one way; nothing upstream imports anything downstream):
   re-drawing.
 - ``curvature``: the loss as a function of the weights (``batches``), Hessian-vector
   products (``operators``), the solvers (``solvers``: Lanczos, power iteration), their
-  options (``options``: ``SpectralOptions``) and ``hessian_spectral_norm`` (``spectral``).
+  options (``options``: ``SpectralOptions``), the subsample start (``multifidelity``) and
+  ``hessian_spectral_norm`` (``spectral``).
 - ``sampling``: weight samples of a model's own initialisation (``transformers`` models
   rebuilt from their config), checked to be re-drawn.
 - ``running_max``: Algorithm 2's record: per-sample records, the running max and the

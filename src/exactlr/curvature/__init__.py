@@ -30,7 +30,8 @@ Modules (each imports only those above it):
   :mod:`torch.distributed` (each rank a shard of the batches, one ``all_reduce`` per
   product), the ranks' agreement checks, one error on every rank.
 - :mod:`~exactlr.curvature.options`: :class:`SpectralOptions`, the solver and product
-  options as one typed value, and their validation.
+  options as one typed value, their validation, and what ``subsample="auto"`` means.
+- :mod:`~exactlr.curvature.multifidelity`: the start vector from a subsample Hessian.
 - :mod:`~exactlr.curvature.spectral`: :func:`hessian_spectral_norm`,
   :func:`hessian_spectral_norms`, :func:`full_loss` (each with ``process_group=``).
 

@@ -24,17 +24,16 @@ from exactlr.curvature.batches import (
     LossFn,
     materialize_batches,
     module_device_dtype,
-    subsample_batches,
     training_loss_mode,
 )
 from exactlr.curvature.distributed import (
-    DataParallelOperator,
     all_or_none,
     data_parallel,
     resolve_group,
     same_on_all_ranks,
     shared_start,
 )
+from exactlr.curvature.multifidelity import num_examples, subsample_start
 from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
 from exactlr.curvature.operators import HessianOperator
 from exactlr.curvature.options import METHODS, SpectralOptions, resolve_subsample
@@ -277,9 +276,9 @@ def solve_spectral_norm(
         v0 = shared_start(op, v0)
         try:
             subsample_hvps = 0
-            share = resolve_subsample(options.subsample, _num_examples(op), options.method)
+            share = resolve_subsample(options.subsample, num_examples(op), options.method)
             if share is not None:
-                v0, subsample_hvps = _subsample_start(op, v0, share, options, generator)
+                v0, subsample_hvps = subsample_start(op, v0, share, options, generator)
             res = _solve(op, v0, options, generator, ceiling)
         finally:
             op.release()
@@ -336,55 +335,6 @@ def _solve(
         first.converged and second.converged,
         max(first.error_estimate, second.error_estimate),
     )
-
-
-def _num_examples(op: HessianOperator | DataParallelOperator) -> int:
-    """The examples behind ``op``'s loss: this process's, or all ranks' for a
-    data-parallel operator (``N_r / share``), so that every rank decides alike."""
-    local = sum(op.sizes)
-    if isinstance(op, DataParallelOperator):
-        return round(local / op.share) if op.share > 0 else 0
-    return local
-
-
-def _subsample_start(
-    op: HessianOperator,
-    v0: Tensor,
-    share: float,
-    options: SpectralOptions,
-    generator: torch.Generator | None,
-) -> tuple[Tensor, int]:
-    """Start vector for the full-data Lanczos from the Ritz pairs of the Hessian of a
-    ``share`` of every batch.
-
-    Returns the start vector and the subsample products spent.
-    """
-    # A local generator when none is given: library code leaves the global RNG alone.
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    data = subsample_batches(op.batches, share, generator=generator, sizes=op.sizes)
-    sub = HessianOperator(
-        op.model, objective=op.objective, batches=data, hvp_mode=op.hvp_mode, rewrite=op.rewrite
-    )
-    if isinstance(op, DataParallelOperator):  # every rank's subsample, weighted by size
-        sub, _ = data_parallel(sub, 0.0, op.group)
-    try:
-        res = lanczos(
-            sub,
-            v0,
-            max_iters=options.max_iters,
-            tol=max(options.tol or 1e-4, options.subsample_tol),
-            return_vectors=True,
-            target=options.target or "both",
-        )
-    finally:
-        sub.release()
-    assert res.vector_max is not None and res.vector_min is not None
-    # Weighting by |theta| favours the dominant end, which the norm needs most; the other
-    # end still spans the start so both extremes converge together.
-    start = abs(res.lambda_max) * res.vector_max + abs(res.lambda_min) * res.vector_min
-    if not torch.isfinite(start).all() or float(start.norm()) == 0.0:
-        return v0, sub.num_products
-    return start / start.norm(), sub.num_products
 
 
 def hessian_spectral_norms(
