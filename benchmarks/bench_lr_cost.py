@@ -15,10 +15,14 @@ paper init preset), in one process, inside ``keep_freed_memory`` as under the co
    start), and ``baseline=COMMIT``: ``suggest_lr`` at its defaults in the source of
    that git commit (exported with ``git archive`` to a temporary folder and run in a
    child process; the parent waits for it, so it runs alone), e.g. the defaults of an
-   earlier release. A setting may end in ``#K`` to run it again (interleaved repeats);
+   earlier release. ``A+B`` combines two settings (``tol=0.03+sub=none``); a setting may
+   end in ``#K`` to run it again;
+3. one line per setting: alpha, its relative difference from the reference (``tight``,
+   else ``old``, else the baseline), full-data and subsample products, seconds, the
+   speed-up over the baseline (else ``old``) and the seconds in training runs.
 
-3. one line per setting: alpha, its relative difference from ``tight``, full-data
-   products, seconds, seconds against ``old`` and against the training run.
+An untimed one-sample call runs first (in the baseline's process too): the first solver
+run of a process pays for first-touch allocations.
 
     .venv/bin/python benchmarks/bench_lr_cost.py --config fig6 --samples 3
     .venv/bin/python benchmarks/bench_lr_cost.py --config fig1 --samples 20 --settings old,default
@@ -31,8 +35,9 @@ Every setting draws its samples with ``make_model = build_model(name, init="pape
 its own Algorithm 2, which for 06efd53 gives the same samples (its K_hat at
 ``tol=1e-4`` equals ``old``'s), so its alpha is a reference too.
 
-The sample count ``--samples`` is Algorithm 2's N (the paper's 20); with fewer, the
-seconds scale with N (every sample is a solver run of the same kind).
+The sample count ``--samples`` is Algorithm 2's N (the paper's 20). With the stop below
+the running maximum, later samples cost less than early ones, so measure at the N of
+interest.
 """
 
 from __future__ import annotations
@@ -63,28 +68,35 @@ CONFIGS = {  # dataset, subset, model, batch size (None: full batch), epochs
 }
 
 
+def setting(name: str) -> dict:
+    """The keyword arguments of ``suggest_lr`` for one named setting (see the module
+    docstring); ``A+B`` merges two, e.g. ``tol=0.03+sub=none``."""
+    if "+" in name:
+        merged: dict = {}
+        for part in name.split("+"):
+            merged.update(setting(part))
+        return merged
+    if name == "tight":
+        return {"tol": 1e-6, "stop_below_max": False, "max_iters": 300}
+    if name == "old":
+        return {"tol": 1e-4, "stop_below_max": False}
+    if name == "default":
+        return {}
+    if name.startswith("tol="):
+        return {"tol": float(name[4:])}
+    if name.startswith("sub="):
+        value = name[4:]
+        return {
+            "subsample": None if value == "none" else value if value == "auto" else float(value)
+        }
+    if name.startswith("baseline="):
+        return {"baseline": name[9:]}
+    raise SystemExit(f"unknown setting {name!r}")
+
+
 def settings(names: list[str]) -> dict[str, dict]:
-    """The keyword arguments of ``suggest_lr`` for each named setting."""
-    out = {}
-    for label in names:
-        name = label.split("#")[0]
-        if name == "tight":
-            out[label] = {"tol": 1e-6, "stop_below_max": False, "max_iters": 300}
-        elif name == "old":
-            out[label] = {"tol": 1e-4, "stop_below_max": False}
-        elif name == "default":
-            out[label] = {}
-        elif name.startswith("tol="):
-            out[label] = {"tol": float(name[4:])}
-        elif name.startswith("sub="):
-            value = name[4:]
-            share = None if value == "none" else value if value == "auto" else float(value)
-            out[label] = {"subsample": share}
-        elif name.startswith("baseline="):
-            out[label] = {"baseline": name[9:]}
-        else:
-            raise SystemExit(f"unknown setting {label!r}")
-    return out
+    """The keyword arguments of ``suggest_lr`` for each label (``NAME`` or ``NAME#K``)."""
+    return {label: setting(label.split("#")[0]) for label in names}
 
 
 def train_seconds(model: torch.nn.Module, batches: list, epochs: int) -> float:
