@@ -17,9 +17,10 @@ printed with the ratio ``PyHessian / ours``.
   page-faulted in again; see :mod:`exactlr.allocator`).
 * PyHessian: ``hessian(model, criterion, data=(x, y), cuda=False).eigenvalues(top_n=1,
   tol=1e-3)``: power iteration reusing one ``create_graph=True`` gradient graph, stopping
-  on a relative change < tol. It returns the top *algebraic* eigenvalue, not the spectral
-  norm; its error is measured against the reference ``lambda_max`` (which is also the
-  norm here; ours prints ``|lambda_min|`` too). PyHessian calls ``model.eval()``; the
+  on a relative change < tol. Power iteration converges to the eigenvalue of largest
+  magnitude, signed; its error is measured against the reference ``lambda_max`` for
+  seed 0 (where that is the norm) and against the norm with ``--seeds`` (on some LeNet
+  seeds negative curvature dominates). PyHessian calls ``model.eval()``; the
   paper preset's BatchNorm has no running statistics, so eval mode still normalises with
   batch statistics: the same function as ours.
 * PyHessian, memory kept (unless ``--no-pyhessian-kept``): the same call inside
@@ -289,7 +290,7 @@ def bench_seeds(name: str, x: torch.Tensor, y: torch.Tensor, args: argparse.Name
         )
         key = f"{name}|n={len(x)}|seed={seed}|tol={args.ref_tol:g}|m={args.ref_products}"
         key += f"|s={args.ref_starts}"
-        norm, lam_max, _ = reference(
+        norm, _, _ = reference(
             model, x, y, args.ref_tol, args.ref_cache, f"{key}|{args.ref_dtype}",
             args.ref_products, getattr(torch, args.ref_dtype), args.ref_starts,
         )  # fmt: skip
@@ -305,7 +306,10 @@ def bench_seeds(name: str, x: torch.Tensor, y: torch.Tensor, args: argparse.Name
             for tol in args.pyhessian_tols:
                 start = time.perf_counter()
                 top, count = run_pyhessian(model, x, y, seed=1000 + seed, tol=tol)
-                err = abs(top - lam_max) / abs(lam_max)
+                # Power iteration converges to the eigenvalue of largest magnitude,
+                # which is lambda_min where negative curvature dominates: its error is
+                # against the norm.
+                err = abs(abs(top) - norm) / norm
                 theirs.append((tol, time.perf_counter() - start, count, err))
                 if err <= 1e-3:
                     break
