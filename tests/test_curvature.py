@@ -235,6 +235,20 @@ def test_lanczos_on_known_spectrum(name: str) -> None:
     assert res.error_estimate >= 0
 
 
+@pytest.mark.parametrize(("after", "products"), [(2, 2), (3, 3)])
+def test_the_ceiling_stop_comes_after_ceiling_after_products(after: int, products: int) -> None:
+    # A start near the top eigenvector (what the multi-fidelity start gives): the bound
+    # is under the ceiling at once; the stop waits for ``ceiling_after`` products, and
+    # the norm it certifies is a true upper bound.
+    a = torch.diag(torch.linspace(-1.0, 10.0, 50, dtype=torch.float64))
+    v0 = torch.zeros(50, dtype=torch.float64)
+    v0[-1] = 1.0
+    v0 += 0.05 * torch.randn(50, generator=torch.Generator().manual_seed(0), dtype=v0.dtype)
+    res = lanczos(lambda v: a @ v, v0, tol=1e-12, target="norm", ceiling=20.0, ceiling_after=after)
+    assert (res.num_matvecs, res.certified) == (products, "ceiling")
+    assert res.spectral_norm <= 10.0 <= res.spectral_norm + res.error_estimate <= 20.0
+
+
 def test_lanczos_breakdown_on_rank_deficient_matrix() -> None:
     """The Krylov space of a rank-3 matrix has dimension <= 4: an exact stop, no NaNs."""
     res = lanczos(lambda v: sym_matrix(SPECTRA["rank_deficient"]) @ v, start(20), tol=1e-12)

@@ -22,6 +22,7 @@ from torch.func import functional_call
 import exactlr
 from exactlr.curvature import hessian_spectral_norm, training_loss_mode
 from exactlr.curvature.batches import map_tensors, to_device
+from exactlr.curvature.operators import PROBE_EXAMPLES
 from exactlr.stepsize import default_make_model
 
 DTYPE = torch.float64
@@ -280,14 +281,44 @@ class Counting(nn.Module):
         return self.lin(x) * (1 + self.calls)
 
 
-def test_a_random_forward_pass_is_an_error_naming_the_op_and_module() -> None:
-    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+@pytest.mark.parametrize("n", [6, 200])
+def test_a_random_forward_pass_is_an_error_naming_the_op_and_module(n: int) -> None:
+    x, y = torch.randn(n, 3), torch.randint(0, 2, (n,))
     with pytest.raises(ValueError, match=r"not a deterministic.*aten\.\w+ in .*Noisy"):
         hessian_spectral_norm(Noisy(), F.cross_entropy, [(x, y)])
     with pytest.raises(ValueError, match="no random op was seen"):
         hessian_spectral_norm(Counting(), F.cross_entropy, [(x, y)])
     res = hessian_spectral_norm(Noisy(), F.cross_entropy, [(x, y)], check_determinism=False)
     assert math.isfinite(res.value)
+
+
+class Recording(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.seen: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen.append(x.shape[0])
+        return self.lin(x)
+
+
+def test_the_determinism_probe_runs_on_the_head_of_the_first_batch_only() -> None:
+    # Its cost is a sliver of a product: no full-size forward pass beyond the solver's.
+    batches = [(torch.randn(n, 3), torch.randint(0, 2, (n,))) for n in (200, 100)]
+    seen = {}
+    for probe in (True, False):
+        model = Recording()
+        hessian_spectral_norm(
+            model,
+            F.cross_entropy,
+            batches,
+            check_determinism=probe,
+            generator=torch.Generator().manual_seed(0),
+        )
+        seen[probe] = collections.Counter(model.seen)
+    extra = seen[True] - seen[False]
+    assert set(extra) == {PROBE_EXAMPLES} and not seen[False] - seen[True]
 
 
 class FusedAttention(nn.Module):

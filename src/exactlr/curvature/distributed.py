@@ -55,7 +55,7 @@ TORCHRUN_TIMEOUT = datetime.timedelta(minutes=30)
 
 # Computations of a wrapped operator that are local to one rank: reading them through
 # the wrapper would silently give one shard's value.
-_LOCAL_ONLY = frozenset({"loss", "losses", "gradient", "check_deterministic"})
+_LOCAL_ONLY = frozenset({"loss", "losses", "gradient", "check_deterministic", "head"})
 # Relative difference of the weights' fingerprints above which the ranks hold different
 # weights (identical weights give bit-equal fingerprints on one kind of hardware).
 _FINGERPRINT_RTOL = 1e-9

@@ -34,10 +34,11 @@ batch's loss is evaluated and how vectors are laid out (``(dim,)`` against ``(S,
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +57,11 @@ from exactlr.curvature.objective import BatchSize, LossModule, ModelLoss, Object
 from exactlr.curvature.rewrites import data_shift, rewritten
 
 HVP_MODES = ("auto", "forward", "reverse")
+
+_Op = TypeVar("_Op", bound="LossOperator")
+
+#: Examples of the determinism probe (:meth:`LossOperator.check_deterministic`).
+PROBE_EXAMPLES = 64
 
 _MISSING_DERIVATIVE = re.compile(
     r"derivative for (?P<back>[\w:.]+) is not implemented"
@@ -249,32 +255,47 @@ class LossOperator:
         self._reverse_fn = None
 
     # -- determinism ------------------------------------------------------------------------
-    def check_deterministic(self, vectors: Tensor, losses: Tensor | None = None) -> None:
-        """The loss(es) and one product, each evaluated twice, must agree.
+    def check_deterministic(self, vectors: Tensor, count: int = PROBE_EXAMPLES) -> None:
+        """The loss and one product, each evaluated twice, must agree.
 
+        The probe runs on the first ``count`` examples of the first batch
+        (:meth:`head`): a random op, a state change or a nondeterministic kernel shows
+        on any examples, and there the probe costs a sliver of one full-data product.
         Two evaluations at the same weights may differ only by reduction-order rounding
-        (:func:`~exactlr.curvature.determinism.repeat_tolerance`). The two products are
-        not counted in ``num_products``; in ``"reverse"`` mode they build the graph the
-        solver then reuses.
+        (:func:`~exactlr.curvature.determinism.repeat_tolerance`). Nothing is counted in
+        ``num_products``.
 
         Args:
             vectors: The vector(s) of the probe product (e.g. the solver's start).
-            losses: The loss value(s) already computed once, if any.
+            count: Examples of the probe.
 
         Raises:
             ValueError: A difference, naming the random ops of the forward pass if any.
         """
-        tol = repeat_tolerance(self.dtype)
-        first = losses if losses is not None else self._loss_values()
-        difference = relative_difference(first, self._loss_values())
-        what = "loss"
-        if difference <= tol:
-            count = self.num_products
-            a, b = self.matvec(vectors), self.matvec(vectors)
-            self.num_products = count
-            difference, what = relative_difference(a, b), "Hessian-vector product"
+        probe = self.head(count)
+        try:
+            tol = repeat_tolerance(self.dtype)
+            difference = relative_difference(probe._loss_values(), probe._loss_values())
+            what = "loss"
+            if difference <= tol:
+                a, b = probe.matvec(vectors), probe.matvec(vectors)
+                difference, what = relative_difference(a, b), "Hessian-vector product"
+        finally:
+            probe.release()
         if difference > tol:
             raise nondeterminism_error(what, difference, self._random_ops())
+
+    def head(self: _Op, count: int) -> _Op:
+        """This operator on the first ``count`` examples of its first batch only.
+
+        A shallow copy: the weights, model and objective are shared; the batch, its
+        weight, the data shift of the rewrite and the product count are its own.
+        Tensors whose first dimension is not the batch's size are kept whole.
+        """
+        head = copy.copy(self)
+        batch = head_of(self.batches[0], count, self.sizes[0])
+        head._init_batches([batch], self.network, self.rewrite)
+        return head
 
     def _random_ops(self) -> list[str]:
         """The random ops of one forward pass over the first batch."""

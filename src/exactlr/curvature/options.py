@@ -84,8 +84,9 @@ class SpectralOptions:
             (``certified="ceiling"``). False: every sample to ``tol``.
         check_labels: Check the class targets of a cross-entropy ``loss_fn``
             (:mod:`exactlr.curvature.objective`).
-        check_determinism: Evaluate the loss and one product twice and raise if they
-            differ (:meth:`~exactlr.curvature.operators.LossOperator.check_deterministic`).
+        check_determinism: Evaluate the loss and one product twice, on the first
+            examples of the first batch, and raise if they differ
+            (:meth:`~exactlr.curvature.operators.LossOperator.check_deterministic`).
     """
 
     method: str = "lanczos"

@@ -207,6 +207,7 @@ def lanczos(
     return_vectors: bool = False,
     target: str = "both",
     ceiling: float | None = None,
+    ceiling_after: int = 3,
 ) -> EigenResult:
     """(Block) Lanczos with full reorthogonalisation for both extreme eigenvalues.
 
@@ -247,10 +248,15 @@ def lanczos(
         target: ``"both"`` or ``"norm"``: what ``tol`` applies to (see above).
         ceiling: Also stop, with ``certified="ceiling"``, as soon as the spectral norm
             is certified to be at most ``ceiling`` (the dominant ``|theta|`` plus its
-            bound, the other end included as for ``"norm"``), after three products at
-            least and with that bound within a tenth of the norm: a caller that needs only
-            the largest norm over several operators (Algorithm 2's running maximum)
-            does not need the smaller ones to ``tol``. None: no such stop.
+            bound, the other end included as for ``"norm"``), after ``ceiling_after``
+            products at least and with that bound within a tenth of the norm: a caller
+            that needs only the largest norm over several operators (Algorithm 2's
+            running maximum) does not need the smaller ones to ``tol``. None: no such
+            stop.
+        ceiling_after: The fewest products before the ``ceiling`` stop: 3 from a random
+            start, whose first Ritz values may not have picked up the top of the
+            spectrum yet; 2 from a start that already carries it (the multi-fidelity
+            start of :mod:`exactlr.curvature.multifidelity`).
 
     Returns:
         An :class:`EigenResult`.
@@ -265,7 +271,9 @@ def lanczos(
         (3.0, -5.0, 5.0)
     """
     _check_solver_args(v0, max_iters, tol, block=True)
-    run = _LanczosRun(v0, max_iters=max_iters, tol=tol, target=target, ceiling=ceiling)
+    run = _LanczosRun(
+        v0, max_iters=max_iters, tol=tol, target=target, ceiling=ceiling, after=ceiling_after
+    )
     while not run.step(_shaped_product(matvec, run.vector)):
         pass
     return run.result(return_vectors=return_vectors)
@@ -298,10 +306,11 @@ class _LanczosRun:
         tol: float,
         target: str,
         ceiling: float | None = None,
+        after: int = 3,
     ) -> None:
         if target not in TARGETS:
             raise ValueError(f"target={target!r} is not one of {TARGETS}")
-        self.ceiling = ceiling
+        self.ceiling, self.ceiling_after = ceiling, after
         self.certified = "both" if target == "both" else "norm"
         block = v0.reshape(-1, v0.shape[-1])
         self.dim = block.shape[1]
@@ -370,7 +379,7 @@ class _LanczosRun:
             return True
         if (
             self.ceiling is not None
-            and num >= 3
+            and num >= self.ceiling_after
             and self.norm_upper <= self.ceiling
             and self.norm_error <= _CEILING_SETTLED * scale
         ):

@@ -171,8 +171,9 @@ def hessian_spectral_norm(
             :mod:`exactlr.curvature.rewrites`).
         check_labels: Check the class targets of a cross-entropy ``loss_fn`` (classes of
             the outputs or ``ignore_index``); False: no check.
-        check_determinism: Evaluate the loss and one product twice first and raise,
-            naming the random ops found, if they differ.
+        check_determinism: Evaluate the loss and one product twice first, on the first
+            examples of the first batch, and raise, naming the random ops found, if
+            they differ.
         ceiling: Stop as soon as ``value`` is certified to be at most ``ceiling``
             (``certified="ceiling"``; Lanczos only): Algorithm 2 passes its running
             maximum, which a sample below it cannot change. None: no such stop.
@@ -271,15 +272,16 @@ def solve_spectral_norm(
             value = op.loss()
             v0 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
             if options.check_determinism:  # local: before any product is all-reduced
-                op.check_deterministic(v0, torch.tensor([value], dtype=torch.float64))
+                op.check_deterministic(v0)
         op, value = data_parallel(op, value, group)
         v0 = shared_start(op, v0)
         try:
-            subsample_hvps = 0
+            subsample_hvps, warm = 0, False
             share = resolve_subsample(options.subsample, num_examples(op), options.method)
             if share is not None:
-                v0, subsample_hvps = subsample_start(op, v0, share, options, generator)
-            res = _solve(op, v0, options, generator, ceiling)
+                start, subsample_hvps = subsample_start(op, v0, share, options, generator)
+                v0, warm = start, start is not v0
+            res = _solve(op, v0, options, generator, ceiling, warm=warm)
         finally:
             op.release()
     return SpectralNormResult(
@@ -304,8 +306,13 @@ def _solve(
     options: SpectralOptions,
     generator: torch.Generator | None,
     ceiling: float | None = None,
+    *,
+    warm: bool = False,
 ) -> EigenResult:
     """The extreme eigenvalues of ``op`` from ``v0`` (Lanczos or power iteration).
+
+    ``warm``: ``v0`` is the multi-fidelity start, so the ``ceiling`` stop may come after
+    two products (:func:`~exactlr.curvature.solvers.lanczos`'s ``ceiling_after``).
 
     Lanczos with ``target="both"`` starts from the block ``[v0, z]`` with a second
     random vector ``z``: the non-dominant end has no margin from the norm and is where
@@ -317,7 +324,15 @@ def _solve(
         if target == "both":
             z = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
             v0 = torch.stack([v0, shared_start(op, z)])
-        return lanczos(op, v0, max_iters=max_iters, tol=tol, target=target, ceiling=ceiling)
+        return lanczos(
+            op,
+            v0,
+            max_iters=max_iters,
+            tol=tol,
+            target=target,
+            ceiling=ceiling,
+            ceiling_after=2 if warm else 3,
+        )
     first = power_iteration_result(op, v0, max_iters=max_iters, tol=tol)
     lam = first.lambda_max
     # The opposite end of the spectrum is the dominant eigenvalue of H - lam I; its
@@ -385,7 +400,7 @@ def hessian_spectral_norms(
         rewrite: Exact rewrites of the loss for the products (see
             :class:`~exactlr.curvature.operators.HessianOperator`).
         check_labels, check_determinism: As for :func:`hessian_spectral_norm` (the
-            probe evaluates the whole stack twice).
+            probe evaluates the whole stack, on the head of the first batch, twice).
         process_group: Data-parallel products, as in :func:`hessian_spectral_norm`.
 
     Returns:
@@ -456,7 +471,7 @@ def solve_spectral_norms(
         draws = [random_unit_vector(op.dim, generator=g, dtype=op.dtype) for g in gens]
         v0 = torch.stack(draws).to(op.device)
         if options.check_determinism:  # local: before any product is all-reduced
-            op.check_deterministic(v0, torch.tensor(losses, dtype=torch.float64))
+            op.check_deterministic(v0)
     op, losses = data_parallel(op, losses, group)
     v0 = same_on_all_ranks(v0, group)
     products = _ActiveProducts(op)
