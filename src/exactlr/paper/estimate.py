@@ -76,8 +76,9 @@ class ArchCost:
         grad_image_s: One forward-and-backward pass of one image (training step share).
         hvp_image_s: One Hessian-vector product's share of one image (the full-data
             Hessian, BatchNorm's double backward included).
-        hvps_per_sample: Lanczos products per K_hat weight sample (to the library's
-            default tolerance).
+        hvps_per_sample: Full-data products per K_hat weight sample at the library's
+            defaults, the sample's fixed costs (loss, gradient graph, subsample start)
+            counted as products.
         source: The runs the numbers were read from.
     """
 
@@ -88,21 +89,22 @@ class ArchCost:
 
 
 #: Measured costs (see :class:`ArchCost`). LeNet: ``exactlr run fig6 --scale paper``
-#: (100 epochs of 5,500 images in 103 s; K_hat 834 s for 20 samples of ~11 products)
-#: and fig7 cpu (12,000 images, batch 2,000: 2.2 s an epoch, which the model predicts
-#: within 15%). FC 3x1000: ``exactlr run fig3 --scale cpu`` (batch 2,000: 4.2 s an
-#: epoch; full batch is 1.7x cheaper per image, so this errs long) and fig1 cpu (K_hat).
-#: VGG-9: ``python benchmarks/time_epoch.py fig10 --scale cpu --no-khat`` (one epoch on
-#: 1,000 mini-CIFAR-10 images, batch 250; the machine was shared, so CPU seconds / 2
-#: threads, not the wall time); a product is priced at 3 of its gradients per image
-#: (``HessianOperator`` on 64 images measured 2.4, the rest covers the graph builds and
-#: loss evaluations of a sample; LeNet's whole samples measured 7.7, FC 3x1000's 2.3-3.9;
-#: ``benchmarks/time_epoch.py fig10 --no-train --max-iters 3 --images 250`` measures it
-#: where the machine allows).
+#: (100 epochs of 5,500 images in 103 s) and fig7 cpu (12,000 images, batch 2,000: 2.2 s
+#: an epoch, which the model predicts within 15%). FC 3x1000: ``exactlr run fig3 --scale
+#: cpu`` (batch 2,000: 4.2 s an epoch; full batch is 1.7x cheaper per image, so this errs
+#: long). VGG-9: ``python benchmarks/time_epoch.py fig10 --scale cpu --no-khat`` (one
+#: epoch on 1,000 mini-CIFAR-10 images, batch 250; the machine was shared, so CPU
+#: seconds / 2 threads, not the wall time); a product is priced at 3 of its gradients
+#: per image (``HessianOperator`` on 64 images measured 2.4). Products per K_hat sample
+#: at the library's defaults (``LR_TOL``, the stop below the running max, the subsample
+#: start), as product-equivalents (a sample's seconds over a product's, the fixed costs
+#: of a sample included): ``benchmarks/bench_lr_cost.py --samples 20`` gives 4.4 for
+#: fig6 (LeNet) and 3.7 for fig1 (FC 3x1000), rounded up here; VGG-9 (convolutions and
+#: BatchNorm like LeNet) takes LeNet's.
 REFERENCE_COSTS: dict[str, ArchCost] = {
-    "lenet": ArchCost(9.1e-5, 7.0e-4, 13.0, "fig6 paper, fig7 cpu result files"),
-    "fc3x1000": ArchCost(1.5e-4, 3.4e-4, 13.0, "fig3 cpu, fig1 cpu result files"),
-    "vgg9": ArchCost(1.3e-2, 3.9e-2, 13.0, "benchmarks/time_epoch.py fig10 --scale cpu"),
+    "lenet": ArchCost(9.1e-5, 7.0e-4, 5.0, "fig6 paper, fig7 cpu result files"),
+    "fc3x1000": ArchCost(1.5e-4, 3.4e-4, 4.0, "fig3 cpu, fig1 cpu result files"),
+    "vgg9": ArchCost(1.3e-2, 3.9e-2, 5.0, "benchmarks/time_epoch.py fig10 --scale cpu"),
 }
 
 #: Parameters of FC 3x1000 on MNIST, the unit for pricing other FC nets.
