@@ -202,3 +202,13 @@ def test_estimation_cost_counts_products_at_their_measured_cost() -> None:
     assert _measured_gradients(run, {"seconds": 10.0, "gradients": 999.0}) == 20.0
     # Without a time, the nominal count stands.
     assert _measured_gradients(run, {"seconds": 0.0, "gradients": 7.0}) == 7.0
+
+
+def test_the_summary_names_the_rows_where_final_and_tail_median_disagree() -> None:
+    from exactlr.paper.markdown import _tail_lines
+
+    t = {"rows_compared": 3, "rows_ours_lowest": 1, "rows_disagree": [0, 2]}
+    (line,) = _tail_lines(t)
+    assert "lowest in 1 of 3 rows" in line and line.endswith("disagree: row 1, row 3")
+    (line,) = _tail_lines({**t, "rows_disagree": []})
+    assert line.endswith("disagree: none")

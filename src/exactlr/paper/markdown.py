@@ -76,7 +76,7 @@ def _tail_lines(t: dict[str, Any]) -> list[str]:
     if "rows_disagree" in t:
         if not t["rows_compared"]:
             return []
-        rows = ", ".join(str(i + 1) for i in t["rows_disagree"]) or "none"
+        rows = ", ".join(f"row {i + 1}" for i in t["rows_disagree"]) or "none"
         return [
             f"- By the median of the last 10% of epochs, ours is lowest in "
             f"{t['rows_ours_lowest']} of {t['rows_compared']} rows; rows where it and the "
