@@ -12,14 +12,18 @@ paper init preset), in one process, inside ``keep_freed_memory`` as under the co
    step size had its own tolerance), ``default`` (the defaults: ``LR_TOL`` and the stop
    below the running maximum, ``subsample="auto"``), ``tol=X`` (the defaults with that
    tolerance), ``sub=X`` (the defaults with that ``subsample``, ``none``: a random
-   start), and ``baseline=COMMIT``: ``suggest_lr`` at its defaults in the source of
-   that git commit (exported with ``git archive`` to a temporary folder and run in a
-   child process; the parent waits for it, so it runs alone), e.g. the defaults of an
-   earlier release. ``A+B`` combines two settings (``tol=0.03+sub=none``); a setting may
-   end in ``#K`` to run it again;
+   start), ``screen=X`` (the defaults with that ``screen``, ``none``: no screen), and
+   ``baseline=COMMIT``: ``suggest_lr`` at its defaults in the source of that git commit
+   (exported with ``git archive`` to a temporary folder and run in a child process; the
+   parent waits for it, so it runs alone), e.g. the defaults of an earlier release.
+   ``A+B`` combines two settings (``tol=0.03+sub=none``); a setting may end in ``#K``
+   to run it again;
 3. one line per setting: alpha, its relative difference from the reference (``tight``,
    else ``old``, else the baseline), full-data and subsample products, seconds, the
-   speed-up over the baseline (else ``old``) and the seconds in training runs.
+   speed-up over the baseline (else ``old``) and the seconds in training runs; for a
+   setting that screened samples (:mod:`exactlr.screening`), a second line compares
+   them with the reference's full-data norms of the same samples: their subsample to
+   full-data ratio and how close to K_hat their full-data norms came.
 
 An untimed one-sample call runs first (in the baseline's process too): the first solver
 run of a process pays for first-touch allocations.
@@ -89,6 +93,9 @@ def setting(name: str) -> dict:
         return {
             "subsample": None if value == "none" else value if value == "auto" else float(value)
         }
+    if name.startswith("screen="):
+        value = name[7:]
+        return {"screen": None if value == "none" else float(value)}
     if name.startswith("baseline="):
         return {"baseline": name[9:]}
     raise SystemExit(f"unknown setting {name!r}")
@@ -152,6 +159,9 @@ def run_setting(args: argparse.Namespace, kwargs: dict, setup_: tuple) -> dict:
         "products": s.estimate.num_hvps,
         "subsample": sum(getattr(r, "subsample_hvps", 0) for r in records),
         "ceiling": sum(getattr(r, "certified", "") == "ceiling" for r in records),
+        "screened": sum(getattr(r, "certified", "") == "screened" for r in records),
+        "values": [r.value for r in records],
+        "certified": [getattr(r, "certified", "") for r in records],
         "samples": len(records),
         "seconds": seconds,
     }
@@ -244,9 +254,29 @@ def report(config: str, rows: dict[str, dict], run: float) -> None:
         print(
             f"{config} {label}: alpha {row['lr']:.6g} ({diff}), K_hat {row['k_hat']:.6g}, "
             f"products {row['products']}{sub}, {row['ceiling']}/{row['samples']} samples "
-            f"stopped below the max, {row['seconds']:.1f} s, speed-up over {base} {speed}, "
+            f"stopped below the max, {row.get('screened', 0)} screened, {row['seconds']:.1f} s, "
+            f"speed-up over {base} {speed}, "
             f"{row['seconds'] / run:.2f} training runs"
         )
+        if row.get("screened") and ref and len(rows[ref].get("values", [])) == row["samples"]:
+            print(screen_line(config, label, row, rows[ref]))
+
+
+def screen_line(config: str, label: str, row: dict, ref: dict) -> str:
+    """The screened samples of ``row`` against ``ref``'s full-data norms of the same
+    samples: subsample / full ratio and the largest full norm as a share of K_hat."""
+    pairs = [
+        (value, full)
+        for value, full, kind in zip(row["values"], ref["values"], row["certified"], strict=True)
+        if kind == "screened"
+    ]
+    ratios = [value / full for value, full in pairs]
+    top = max(full for _, full in pairs) / ref["k_hat"]
+    return (
+        f"{config} {label}: {len(pairs)}/{row['samples']} samples screened; subsample / "
+        f"full-data norm {min(ratios):.2f} to {max(ratios):.2f}; their full-data norms at "
+        f"most {top:.2f} x K_hat"
+    )
 
 
 if __name__ == "__main__":

@@ -49,6 +49,19 @@ def test_lr_subsample_start_gives_the_same_lr_to_the_tolerance(
     )
 
 
+def test_lr_screen_keeps_k_hat_and_marks_the_samples_it_skipped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ("--tol", "1e-4", "--subsample", "0.2", "--samples", "6")
+    every = _lr_json(capsys, *args, "--screen", "none")
+    screened = _lr_json(capsys, *args, "--screen", "1")
+    assert screened["k_hat"] == pytest.approx(every["k_hat"], rel=2e-4)
+    kinds = [r["certified"] for r in screened["samples"]]
+    assert "screened" in kinds and "screened" not in [r["certified"] for r in every["samples"]]
+    skipped = [r for r in screened["samples"] if r["certified"] == "screened"]
+    assert all(r["num_hvps"] == 0 and r["value"] < screened["k_hat"] for r in skipped)
+
+
 def test_run_report_plot_fig1_smoke(
     tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

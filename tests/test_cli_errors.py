@@ -116,6 +116,7 @@ CLI_CASES: list[tuple[str, str]] = [
         "argument --subsample: expected 'auto', 'none' or a share strictly between 0 and 1",
     ),
     ("lr --subsample 0.1 --method power", "--subsample 0.1 needs --method lanczos"),
+    ("lr --screen 0", "argument --screen: expected 'none' or a number in (0, 1], got '0'"),
     ("lr --dataset mnist --data-dir {truncated} --quiet", "corrupted or truncated"),
     ("lr --dataset mnist --data-dir {corrupted} --quiet", "corrupted or truncated"),
     ("lr --dataset mnist --data-dir {incomplete} --quiet", "MNIST not found"),

@@ -163,6 +163,21 @@ def subsample_arg(text: str) -> float | str | None:
         ) from None
 
 
+def screen_arg(text: str) -> float | None:
+    """argparse type: ``none`` (no screen) or a share in (0, 1]."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"expected 'none' or a number in (0, 1], got {text!r}"
+        ) from None
+    return value
+
+
 def batch_size_arg(text: str) -> int | None:
     """argparse type: ``full`` (one batch: None) or a positive integer."""
     if text.lower() == "full":

@@ -37,6 +37,7 @@ from exactlr.cliargs import (
     non_negative_int,
     positive_float,
     positive_int,
+    screen_arg,
     subsample_arg,
     tol_arg,
 )
@@ -44,6 +45,7 @@ from exactlr.curvature import SpectralOptions, full_loss, materialize_batches
 from exactlr.curvature.distributed import is_rank_zero, shard_batches
 from exactlr.data import load_dataset, make_batches
 from exactlr.models import build_model
+from exactlr.sampleplot import draw_samples
 from exactlr.smoothness import SmoothnessEstimate
 from exactlr.stepsize import LRSuggestion, exact_step_size, suggest_lr
 from exactlr.userspec import load_callable
@@ -208,7 +210,7 @@ def plot_samples(suggestion: LRSuggestion, path: str | Path) -> Path:
     index = list(range(1, len(est.samples) + 1))
     fig, ax = plt.subplots(figsize=(5, 3.6))
     try:
-        ax.plot(index, est.samples, "o", color="tab:blue", label="||H(w_j)||_2")
+        draw_samples(ax, est.samples, [r.certified for r in est.records])
         ax.step(index, est.running_max, where="post", color="black", label="running max")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("weight sample j")
@@ -254,12 +256,17 @@ def _print_text(s: LRSuggestion, inputs: _Inputs, args: argparse.Namespace, devi
     if args.k_hat is None:
         started = any(r.subsample_hvps for r in est.records)
         sub = "  HVPs on a subsample" if started else ""
-        print(f"  sample  ||H||_2       lambda_max    lambda_min    HVPs  seconds{sub}")
+        print(f"  sample  ||H||_2       lambda_max    lambda_min    HVPs  seconds  certified{sub}")
         for r in est.records:
             extra = f"  {r.subsample_hvps:>20}" if started else ""
             print(
                 f"  {r.index:>6}  {r.value:<12.6g}  {r.lambda_max:<12.6g}  {r.lambda_min:<12.6g}"
-                f"  {r.num_hvps:>4}  {r.seconds:7.2f}{extra}"
+                f"  {r.num_hvps:>4}  {r.seconds:7.2f}  {r.certified:<9}{extra}"
+            )
+        if any(r.certified == "screened" for r in est.records):
+            print(
+                "  screened: the subsample's norm, below --screen x K_hat (no full-data "
+                "product); ceiling: a lower estimate, below the max before it"
             )
         stop = ", adaptive stop" if est.stopped_early else ""
         print(f"K_hat  = {s.k_hat:.6g}  (max over {len(est.samples)} samples{stop})")
@@ -317,6 +324,17 @@ def add_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> argparse.
         "minibatch variant: a share of each batch; a share needs --method lanczos). "
         "Default auto: 5%% of 2,000 examples or more (at least 200), none below; none: "
         "a random start",
+    )
+    lr.add_argument(
+        "--screen",
+        type=screen_arg,
+        default=0.5,
+        metavar="SHARE",
+        help="with a subsample start and a fixed N: solve every sample on the subsample "
+        "first, then on all the data in decreasing order of that norm, skipping the "
+        "samples whose subsample norm is below SHARE x the largest full-data norm so far "
+        "(their rows say 'screened'). Default 0.5; none: every sample on all the data, in "
+        "draw order (see docs/performance.md)",
     )
     lr.add_argument(
         "--patience",
@@ -409,7 +427,9 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
             check_steps=args.check,
             variant=args.variant,
             patience=args.patience,
-            options=SpectralOptions(method=args.method, tol=args.tol, subsample=args.subsample),
+            options=SpectralOptions(
+                method=args.method, tol=args.tol, subsample=args.subsample, screen=args.screen
+            ),
             parallel=args.parallel,
         )
     if args.plot is not None and is_rank_zero():

@@ -42,7 +42,10 @@ class SampleRecord:
         certified: ``"norm"``: ``value`` is the spectral norm to ``tol``; ``"ceiling"``:
             the solver stopped once the norm was certified to be at most the running
             maximum before this sample (``stop_below_max``), so ``value`` is a lower
-            estimate and K_hat is unchanged by it; ``"both"``: both extremes to ``tol``.
+            estimate and K_hat is unchanged by it; ``"both"``: both extremes to ``tol``;
+            ``"screened"``: no full-data solve, its subsample norm was below
+            ``screen`` times a full-data norm of another sample, so ``value`` is that
+            subsample estimate (:mod:`exactlr.screening`).
     """
 
     index: int

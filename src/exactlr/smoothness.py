@@ -19,6 +19,11 @@ and one vmapped Hessian-vector product serves all of them
 (:func:`~exactlr.curvature.hessian_spectral_norms`); each sample's value is the one the
 sequential loop gives, to the solver tolerance.
 
+With a subsample start and N fixed, the samples go through the subsample screen of
+:mod:`exactlr.screening` (``screen``, on by default): every sample's subsample norm
+first, then full-data solves from the largest down, skipping the samples far below the
+largest; otherwise they are evaluated in draw order.
+
 The records, the running maximum and the adaptive stop (``patience``, ``rel_tol``) are
 kept by :mod:`exactlr.running_max`; :class:`SampleRecord` and
 :class:`SmoothnessEstimate` are re-exported here.
@@ -51,7 +56,7 @@ from exactlr.curvature.distributed import (
     same_on_all_ranks,
 )
 from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
-from exactlr.curvature.spectral import solve_spectral_norm, solve_spectral_norms
+from exactlr.curvature.spectral import WarmStart, solve_spectral_norm, solve_spectral_norms
 from exactlr.running_max import (
     SampleEvaluation,
     SampleRecord,
@@ -60,6 +65,7 @@ from exactlr.running_max import (
     check_stop_arguments,
 )
 from exactlr.sampling import draw_model
+from exactlr.screening import can_screen, screened_samples
 
 try:  # tqdm is an optional extra: without it there is no progress bar
     from tqdm.auto import tqdm
@@ -88,12 +94,14 @@ def _evaluate_one(
     options: SpectralOptions,
     ceiling: float | None = None,
     group: dist.ProcessGroup | None = None,
+    start: WarmStart | None = None,
 ) -> SampleEvaluation:
     """``||H(w)||_2`` of one sample (max over batches for ``"minibatch"``).
 
     ``ceiling``: the running maximum so far; a solver run may stop once its norm is
     certified to be at most it (or the sample's best batch so far), since it cannot
-    change K_hat then.
+    change K_hat then. ``start``: the sample's kept multi-fidelity start
+    (``"full"`` only; :mod:`exactlr.screening`).
 
     With a process group, ``data`` is this rank's shard: ``"full"`` takes data-parallel
     products; ``"minibatch"`` evaluates this rank's batches alone and takes the max over
@@ -113,6 +121,7 @@ def _evaluate_one(
             generator=solver_gen,
             ceiling=_ceiling(ceiling, best.value if best is not None else None, options),
             process_group=products_group,
+            start=start,
         )
         hvps += res.num_hvps
         sub_hvps += res.subsample_hvps
@@ -370,7 +379,8 @@ def estimate_smoothness(
             one rank and there are at least as many samples as ranks.
         **option_keywords: Single options by name, replacing those of ``options``
             (``method``, ``tol``, ``max_iters``, ``hvp_mode``, ``subsample``,
-            ``subsample_tol``, ``target``, ``rewrite``, ``check_labels``,
+            ``subsample_tol``, ``target``, ``rewrite``, ``stop_below_max``, ``screen``,
+            ``check_labels``,
             ``check_determinism``: the probe runs on the first sample, or the first
             group, only). ``target`` defaults to
             ``"norm"`` here with Lanczos: the spectral norm is certified to ``tol``; the
@@ -411,11 +421,16 @@ def estimate_smoothness(
     split = group if parallel == "samples" else None  # the group the samples are split over
     if split is not None:
         _check_same_batch_counts(len(data), split)
-    per_round = group_size * (dist.get_world_size(split) if split is not None else 1)
-    bar = None
-    if progress and tqdm is not None and (group is None or dist.get_rank(group) == 0):
-        bar = tqdm(total=num_samples, desc="K_hat samples", unit="sample")
-    trace = SampleTrace(num_samples, patience, rel_tol, bar)
+    show = progress and tqdm is not None and (group is None or dist.get_rank(group) == 0)
+    split_off = split is not None
+    if can_screen(
+        opts, variant=variant, patience=patience, group_size=group_size, samples_split=split_off
+    ):
+        screened = _screened(make_model, objective, data, seeds, opts, device, group, show)
+        if screened is not None:
+            trace = SampleTrace(num_samples, patience, rel_tol, None)
+            trace.extend(0, seeds, *screened)
+            return trace.estimate(variant)
     evaluate = functools.partial(
         _evaluate_samples,
         make_model,
@@ -426,26 +441,79 @@ def estimate_smoothness(
         options=opts,
         group=None if split is not None else group,
     )
+    bar = tqdm(total=num_samples, desc="K_hat samples", unit="sample") if show else None
+    trace = SampleTrace(num_samples, patience, rel_tol, bar)
     try:
-        for first in range(0, num_samples, per_round):
-            chunk = seeds[first : first + per_round]
-            mine = chunk if split is None else rank_share(chunk, group_size, split)
-            start = time.perf_counter()
-            # The determinism probe is about the architecture: the first round is enough.
-            round_opts = opts if first == 0 else dataclasses.replace(opts, check_determinism=False)
-            evaluations = evaluate(
-                mine,
-                options=round_opts,
-                ceiling=trace.running[-1] if trace.running else None,
-            )
-            seconds = [(time.perf_counter() - start) / max(1, len(mine))] * len(mine)
-            if split is not None:  # every rank's samples, in draw order
-                rounds = gather_objects((evaluations, seconds), split)
-                evaluations = [ev for evs, _ in rounds for ev in evs]
-                seconds = [sec for _, secs in rounds for sec in secs]
-            if trace.extend(first, chunk, evaluations, seconds):
-                break
+        _in_draw_order(evaluate, seeds, trace, opts, group_size, split)
     finally:
         if bar is not None:
             bar.close()
     return trace.estimate(variant)
+
+
+def _in_draw_order(
+    evaluate: Callable[..., list[SampleEvaluation]],
+    seeds: list[int],
+    trace: SampleTrace,
+    opts: SpectralOptions,
+    group_size: int,
+    split: dist.ProcessGroup | None,
+) -> None:
+    """Algorithm 2's loop: rounds of samples in draw order into ``trace``, each under
+    the running max so far, until N or the adaptive stop."""
+    per_round = group_size * (dist.get_world_size(split) if split is not None else 1)
+    for first in range(0, len(seeds), per_round):
+        chunk = seeds[first : first + per_round]
+        mine = chunk if split is None else rank_share(chunk, group_size, split)
+        start = time.perf_counter()
+        # The determinism probe is about the architecture: the first round is enough.
+        round_opts = opts if first == 0 else dataclasses.replace(opts, check_determinism=False)
+        evaluations = evaluate(
+            mine,
+            options=round_opts,
+            ceiling=trace.running[-1] if trace.running else None,
+        )
+        seconds = [(time.perf_counter() - start) / max(1, len(mine))] * len(mine)
+        if split is not None:  # every rank's samples, in draw order
+            rounds = gather_objects((evaluations, seconds), split)
+            evaluations = [ev for evs, _ in rounds for ev in evs]
+            seconds = [sec for _, secs in rounds for sec in secs]
+        if trace.extend(first, chunk, evaluations, seconds):
+            break
+
+
+def _screened(
+    make_model: Callable[[], nn.Module],
+    objective: Objective,
+    data: list[Any],
+    seeds: list[int],
+    options: SpectralOptions,
+    device: torch.device | str | None,
+    group: dist.ProcessGroup | None,
+    progress: bool,
+) -> tuple[list[SampleEvaluation], list[float]] | None:
+    """The samples through :func:`~exactlr.screening.screened_samples` (None: the data
+    take no subsample, so no screen)."""
+    quiet = dataclasses.replace(options, check_determinism=False)
+
+    def draw(seed: int) -> nn.Module:
+        return _draw_models(make_model, [seed], device)[0]
+
+    def evaluate(
+        model: nn.Module, seed: int, ceiling: float | None, start: WarmStart | None
+    ) -> SampleEvaluation:
+        return _evaluate_one(
+            model,
+            objective,
+            data,
+            variant="full",
+            seed=seed,
+            options=quiet,
+            ceiling=ceiling,
+            group=group,
+            start=start,
+        )
+
+    return screened_samples(
+        draw, evaluate, objective, data, seeds, options=options, group=group, progress=progress
+    )

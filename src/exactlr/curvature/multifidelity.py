@@ -18,7 +18,7 @@ from exactlr.curvature.batches import subsample_batches
 from exactlr.curvature.distributed import DataParallelOperator, data_parallel
 from exactlr.curvature.operators import HessianOperator
 from exactlr.curvature.options import SpectralOptions
-from exactlr.curvature.solvers import lanczos
+from exactlr.curvature.solvers import EigenResult, lanczos
 
 
 def num_examples(op: HessianOperator | DataParallelOperator) -> int:
@@ -30,17 +30,16 @@ def num_examples(op: HessianOperator | DataParallelOperator) -> int:
     return local
 
 
-def subsample_start(
+def subsample_eigen(
     op: HessianOperator,
     v0: Tensor,
     share: float,
     options: SpectralOptions,
     generator: torch.Generator | None,
-) -> tuple[Tensor, int]:
-    """Start vector for the full-data Lanczos from the Ritz pairs of the Hessian of a
-    ``share`` of every batch.
+) -> tuple[EigenResult, int]:
+    """Lanczos, to ``options.subsample_tol``, on the Hessian of a ``share`` of every batch.
 
-    Returns the start vector and the subsample products spent.
+    Returns the result (with its Ritz vectors) and the subsample products spent.
     """
     # A local generator when none is given: library code leaves the global RNG alone.
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -61,10 +60,32 @@ def subsample_start(
         )
     finally:
         sub.release()
+    return res, sub.num_products
+
+
+def subsample_start(
+    op: HessianOperator,
+    v0: Tensor,
+    share: float,
+    options: SpectralOptions,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, int]:
+    """Start vector for the full-data Lanczos from the Ritz pairs of the Hessian of a
+    ``share`` of every batch (:func:`subsample_eigen`).
+
+    Returns the start vector and the subsample products spent.
+    """
+    res, products = subsample_eigen(op, v0, share, options, generator)
+    return start_vector(res, v0), products
+
+
+def start_vector(res: EigenResult, v0: Tensor) -> Tensor:
+    """The full-data start from a subsample run's Ritz pairs (``v0`` if they give none):
+    ``|theta_max| u_max + |theta_min| u_min``, normalised."""
     assert res.vector_max is not None and res.vector_min is not None
     # Weighting by |theta| favours the dominant end, which the norm needs most; the other
     # end still spans the start so both extremes converge together.
     start = abs(res.lambda_max) * res.vector_max + abs(res.lambda_min) * res.vector_min
     if not torch.isfinite(start).all() or float(start.norm()) == 0.0:
-        return v0, sub.num_products
-    return start / start.norm(), sub.num_products
+        return v0
+    return start / start.norm()

@@ -82,6 +82,13 @@ class SpectralOptions:
             its norm is certified to be at most the running maximum of the samples
             before it (it cannot change K_hat); its record is then a lower estimate
             (``certified="ceiling"``). False: every sample to ``tol``.
+        screen: Algorithm 2 only, with ``stop_below_max`` and a subsample start, N fixed
+            and one sample at a time (:mod:`exactlr.screening`): every sample's
+            subsample norm comes first, the samples are then solved on all the data in
+            decreasing order of it, and one whose subsample norm (plus its bound) is
+            below ``screen`` times the largest full-data norm so far skips the
+            full-data solve (``certified="screened"``; its record is the subsample
+            estimate). None: no screen, samples in draw order.
         check_labels: Check the class targets of a cross-entropy ``loss_fn``
             (:mod:`exactlr.curvature.objective`).
         check_determinism: Evaluate the loss and one product twice, on the first
@@ -98,6 +105,7 @@ class SpectralOptions:
     target: str | None = None
     rewrite: bool = True
     stop_below_max: bool = True
+    screen: float | None = 0.5
     check_labels: bool = True
     check_determinism: bool = True
 
@@ -153,6 +161,11 @@ class SpectralOptions:
                 "subsample must be None, 'auto' or a share in (0, 1) with method='lanczos', "
                 f"got {subsample=}"
             )
+        screen = self.screen
+        if screen is not None and (
+            isinstance(screen, bool) or not (isinstance(screen, int | float) and 0 < screen <= 1)
+        ):
+            raise ValueError(f"screen must be None or a share in (0, 1], got {screen=}")
         target = self.target
         if target is not None and (
             target not in TARGETS or (target != "both" and self.method != "lanczos")

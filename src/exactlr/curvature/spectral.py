@@ -11,9 +11,10 @@ negative curvature. The options they run with are a
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,7 +34,12 @@ from exactlr.curvature.distributed import (
     same_on_all_ranks,
     shared_start,
 )
-from exactlr.curvature.multifidelity import num_examples, subsample_start
+from exactlr.curvature.multifidelity import (
+    num_examples,
+    start_vector,
+    subsample_eigen,
+    subsample_start,
+)
 from exactlr.curvature.objective import BatchSize, ModelLoss, Objective
 from exactlr.curvature.operators import HessianOperator
 from exactlr.curvature.options import METHODS, SpectralOptions, resolve_subsample
@@ -79,8 +85,9 @@ class SpectralNormResult:
         certified: What ``converged`` and ``error_estimate`` are about: ``"both"``
             (``lambda_max`` and ``lambda_min`` to ``tol`` times ``value``), ``"norm"``
             (``value`` and the end that gives it; the other end is an estimate inside
-            the spectrum) or ``"ceiling"`` (only ``value <= ceiling``; ``value`` is then
-            a lower estimate of the norm).
+            the spectrum), ``"ceiling"`` (only ``value <= ceiling``; ``value`` is then
+            a lower estimate of the norm) or ``"subsample"`` (the norm of the Hessian
+            of a share of the data, :func:`solve_subsample_norm`).
     """
 
     value: float
@@ -95,6 +102,21 @@ class SpectralNormResult:
     seconds: float
     subsample_hvps: int = 0
     certified: str = "both"
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """A sample's multi-fidelity start, kept for its full-data solve later.
+
+    Attributes:
+        vector: The start vector (on the CPU).
+        generator_state: The solver generator's state after the subsample run (None
+            without a generator): the full-data solve draws on from there, as after its
+            own subsample run.
+    """
+
+    vector: Tensor = field(repr=False)
+    generator_state: Tensor | None = field(default=None, repr=False)
 
 
 def hessian_spectral_norm(
@@ -247,6 +269,7 @@ def solve_spectral_norm(
     generator: torch.Generator | None = None,
     ceiling: float | None = None,
     process_group: dist.ProcessGroup | bool | None = None,
+    start: WarmStart | None = None,
 ) -> SpectralNormResult:
     """:func:`hessian_spectral_norm` of an ``objective`` with ``options`` as one value.
 
@@ -254,10 +277,102 @@ def solve_spectral_norm(
     in :mod:`exactlr.smoothness`), so that no option is spelled again as a keyword.
     ``options`` and ``ceiling`` are as :func:`hessian_spectral_norm` checks them
     (:meth:`SpectralOptions.validate`, ``target`` set); ``options.check_labels`` is
-    ``objective.check_labels``'s business here.
+    ``objective.check_labels``'s business here. ``start``: the multi-fidelity start of
+    :func:`solve_subsample_norm` with the same ``generator`` seed, instead of running
+    the subsample again (its products are not counted here).
+    """
+    began = time.perf_counter()
+    with _prepared(model, objective, batches, options, generator, process_group) as prep:
+        op, value, v0 = prep
+        subsample_hvps, warm = 0, False
+        share = resolve_subsample(options.subsample, num_examples(op), options.method)
+        if start is not None:
+            v0, warm = start.vector.to(v0), True
+            if generator is not None and start.generator_state is not None:
+                generator.set_state(start.generator_state)
+        elif share is not None:
+            begin, subsample_hvps = subsample_start(op, v0, share, options, generator)
+            v0, warm = begin, begin is not v0
+        res = _solve(op, v0, options, generator, ceiling, warm=warm)
+    return SpectralNormResult(
+        value=res.spectral_norm,
+        lambda_max=res.lambda_max,
+        lambda_min=res.lambda_min,
+        num_hvps=op.num_products,
+        converged=res.converged,
+        method=options.method,
+        hvp_mode=op.hvp_mode,
+        loss=value,
+        error_estimate=res.error_estimate,
+        seconds=time.perf_counter() - began,
+        subsample_hvps=subsample_hvps,
+        certified=res.certified,
+    )
+
+
+def solve_subsample_norm(
+    model: nn.Module,
+    objective: Objective,
+    batches: Iterable[Any] | None,
+    options: SpectralOptions,
+    *,
+    generator: torch.Generator | None = None,
+    process_group: dist.ProcessGroup | bool | None = None,
+    keep_start: bool = False,
+) -> tuple[SpectralNormResult, WarmStart | None] | None:
+    """The subsample run of :func:`solve_spectral_norm`'s multi-fidelity start, alone.
+
+    The same start vector and subsample as :func:`solve_spectral_norm` with the same
+    ``generator`` seed draws, so its start is that call's. Returns the spectral norm of
+    the subsample Hessian to ``options.subsample_tol`` with ``certified="subsample"``
+    (``num_hvps`` 0; ``loss`` the full-data loss) and, with ``keep_start``, the
+    :class:`WarmStart` for :func:`solve_spectral_norm`; None when ``options`` take no
+    subsample of these data (:func:`~exactlr.curvature.options.resolve_subsample`).
+    """
+    began = time.perf_counter()
+    with _prepared(model, objective, batches, options, generator, process_group) as prep:
+        op, value, v0 = prep
+        share = resolve_subsample(options.subsample, num_examples(op), options.method)
+        if share is None:
+            return None
+        res, products = subsample_eigen(op, v0, share, options, generator)
+    kept, vector = None, start_vector(res, v0) if keep_start else v0
+    if vector is not v0:  # kept only if warm: a fallback to v0 reruns the same way
+        state = generator.get_state() if generator is not None else None
+        kept = WarmStart(vector.detach().cpu(), state)
+    result = SpectralNormResult(
+        value=res.spectral_norm,
+        lambda_max=res.lambda_max,
+        lambda_min=res.lambda_min,
+        num_hvps=0,
+        converged=res.converged,
+        method=options.method,
+        hvp_mode=op.hvp_mode,
+        loss=value,
+        error_estimate=res.error_estimate,
+        seconds=time.perf_counter() - began,
+        subsample_hvps=products,
+        certified="subsample",
+    )
+    return result, kept
+
+
+@contextlib.contextmanager
+def _prepared(
+    model: nn.Module,
+    objective: Objective,
+    batches: Iterable[Any] | None,
+    options: SpectralOptions,
+    generator: torch.Generator | None,
+    process_group: dist.ProcessGroup | bool | None,
+) -> Iterator[tuple[HessianOperator, float, Tensor]]:
+    """The operator of ``model``'s loss, the loss and the start vector, for a solve.
+
+    The data on the model's device, the model in its training-loss mode, the
+    determinism probe run if asked, the operator data-parallel over the group; the
+    operator's graph is released on exit.
     """
     group = resolve_group(process_group)
-    start = time.perf_counter()
     device, _ = module_device_dtype(model)
     with training_loss_mode(model):
         with all_or_none(group):  # a rank's bad shard stops every rank
@@ -274,30 +389,10 @@ def solve_spectral_norm(
             if options.check_determinism:  # local: before any product is all-reduced
                 op.check_deterministic(v0)
         op, value = data_parallel(op, value, group)
-        v0 = shared_start(op, v0)
         try:
-            subsample_hvps, warm = 0, False
-            share = resolve_subsample(options.subsample, num_examples(op), options.method)
-            if share is not None:
-                start, subsample_hvps = subsample_start(op, v0, share, options, generator)
-                v0, warm = start, start is not v0
-            res = _solve(op, v0, options, generator, ceiling, warm=warm)
+            yield op, value, shared_start(op, v0)
         finally:
             op.release()
-    return SpectralNormResult(
-        value=res.spectral_norm,
-        lambda_max=res.lambda_max,
-        lambda_min=res.lambda_min,
-        num_hvps=op.num_products,
-        converged=res.converged,
-        method=options.method,
-        hvp_mode=op.hvp_mode,
-        loss=value,
-        error_estimate=res.error_estimate,
-        seconds=time.perf_counter() - start,
-        subsample_hvps=subsample_hvps,
-        certified=res.certified,
-    )
 
 
 def _solve(

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 
 from exactlr.paper.results import load_figure_runs, load_manifest
 from exactlr.paper.store import atomic_target, lr_cache_path, plots_dir, read_json
+from exactlr.sampleplot import draw_samples
 
 __all__ = ["PANELS", "plot_figure", "plot_sharpness", "plot_smoothness"]
 
@@ -247,7 +248,7 @@ def plot_smoothness(
         data = read_json(lr_cache_path(root, key), what="LR cache entry")
         samples, running = data["samples"], data["running_max"]
         index = list(range(1, len(samples) + 1))
-        ax.plot(index, samples, "o", color="tab:blue", label="||H(w_j)||_2")
+        draw_samples(ax, samples, [r.get("certified") for r in data.get("records", [])])
         ax.step(index, running, where="post", color="black", label="running max (K_hat)")
         ax.set_xlabel("Sample j")
         ax.set_ylabel("Hessian spectral norm")
