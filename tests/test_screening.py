@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from conftest import dense_hessian
 from exactlr import screening
 from exactlr.curvature import SpectralOptions
-from exactlr.smoothness import estimate_smoothness
+from exactlr.smoothness import SmoothnessEstimate, estimate_smoothness
 
 DTYPE = torch.float64
 
@@ -43,7 +43,7 @@ def dense_norms(seeds: list[int], data: list[tuple[Tensor, Tensor]]) -> list[flo
     return norms
 
 
-def estimate(data: list, **kwargs: object):  # noqa: ANN201 - a SmoothnessEstimate
+def estimate(data: list, **kwargs: object) -> SmoothnessEstimate:
     options = dict(
         num_samples=12, generator=torch.Generator().manual_seed(0), tol=1e-6, subsample=0.25
     )
@@ -84,13 +84,19 @@ def test_kept_starts_and_rerun_subsamples_give_the_same_records(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Without room for the start vectors each full-data solve reruns its subsample with
-    # the same draws: the same start, so the same values and product counts.
+    # the same draws: the same start, so the same values, product counts and losses.
     data = batches()
     kept = estimate(data)
     monkeypatch.setattr(screening, "KEEP_STARTS_BYTES", 0)
     rerun = estimate(data)
     for a, b in zip(kept.records, rerun.records, strict=True):
-        assert (a.value, a.num_hvps, a.certified) == (b.value, b.num_hvps, b.certified)
+        # The kept start carries the loss of the subsample pass: the same number.
+        assert (a.value, a.num_hvps, a.certified, a.loss) == (
+            b.value,
+            b.num_hvps,
+            b.certified,
+            b.loss,
+        )
         assert a.subsample_hvps <= b.subsample_hvps
 
 

@@ -113,10 +113,13 @@ class WarmStart:
         generator_state: The solver generator's state after the subsample run (None
             without a generator): the full-data solve draws on from there, as after its
             own subsample run.
+        local_loss: This process's full-data loss at the sample's weights (None: not
+            known), which the full-data solve then does not evaluate again.
     """
 
     vector: Tensor = field(repr=False)
     generator_state: Tensor | None = field(default=None, repr=False)
+    local_loss: float | None = None
 
 
 def hessian_spectral_norm(
@@ -282,8 +285,9 @@ def solve_spectral_norm(
     the subsample again (its products are not counted here).
     """
     began = time.perf_counter()
-    with _prepared(model, objective, batches, options, generator, process_group) as prep:
-        op, value, v0 = prep
+    known = start.local_loss if start is not None else None
+    with _prepared(model, objective, batches, options, generator, process_group, known) as prep:
+        op, value, v0, _ = prep
         subsample_hvps, warm = 0, False
         share = resolve_subsample(options.subsample, num_examples(op), options.method)
         if start is not None:
@@ -294,19 +298,8 @@ def solve_spectral_norm(
             begin, subsample_hvps = subsample_start(op, v0, share, options, generator)
             v0, warm = begin, begin is not v0
         res = _solve(op, v0, options, generator, ceiling, warm=warm)
-    return SpectralNormResult(
-        value=res.spectral_norm,
-        lambda_max=res.lambda_max,
-        lambda_min=res.lambda_min,
-        num_hvps=op.num_products,
-        converged=res.converged,
-        method=options.method,
-        hvp_mode=op.hvp_mode,
-        loss=value,
-        error_estimate=res.error_estimate,
-        seconds=time.perf_counter() - began,
-        subsample_hvps=subsample_hvps,
-        certified=res.certified,
+    return _result(
+        res, op, options.method, value, began, op.num_products, subsample_hvps, res.certified
     )
 
 
@@ -331,7 +324,7 @@ def solve_subsample_norm(
     """
     began = time.perf_counter()
     with _prepared(model, objective, batches, options, generator, process_group) as prep:
-        op, value, v0 = prep
+        op, value, v0, local = prep
         share = resolve_subsample(options.subsample, num_examples(op), options.method)
         if share is None:
             return None
@@ -339,22 +332,37 @@ def solve_subsample_norm(
     kept, vector = None, start_vector(res, v0) if keep_start else v0
     if vector is not v0:  # kept only if warm: a fallback to v0 reruns the same way
         state = generator.get_state() if generator is not None else None
-        kept = WarmStart(vector.detach().cpu(), state)
-    result = SpectralNormResult(
+        kept = WarmStart(vector.detach().cpu(), state, local)
+    result = _result(res, op, options.method, value, began, 0, products, "subsample")
+    return result, kept
+
+
+def _result(
+    res: EigenResult,
+    op: HessianOperator,
+    method: str,
+    loss: float,
+    began: float,
+    num_hvps: int,
+    subsample_hvps: int,
+    certified: str,
+) -> SpectralNormResult:
+    """The :class:`SpectralNormResult` of a solver result on ``op`` (started at
+    ``began``, a ``time.perf_counter()``)."""
+    return SpectralNormResult(
         value=res.spectral_norm,
         lambda_max=res.lambda_max,
         lambda_min=res.lambda_min,
-        num_hvps=0,
+        num_hvps=num_hvps,
         converged=res.converged,
-        method=options.method,
+        method=method,
         hvp_mode=op.hvp_mode,
-        loss=value,
+        loss=loss,
         error_estimate=res.error_estimate,
         seconds=time.perf_counter() - began,
-        subsample_hvps=products,
-        certified="subsample",
+        subsample_hvps=subsample_hvps,
+        certified=certified,
     )
-    return result, kept
 
 
 @contextlib.contextmanager
@@ -365,12 +373,15 @@ def _prepared(
     options: SpectralOptions,
     generator: torch.Generator | None,
     process_group: dist.ProcessGroup | bool | None,
-) -> Iterator[tuple[HessianOperator, float, Tensor]]:
-    """The operator of ``model``'s loss, the loss and the start vector, for a solve.
+    local_loss: float | None = None,
+) -> Iterator[tuple[HessianOperator, float, Tensor, float]]:
+    """The operator of ``model``'s loss, the loss, the start vector and this process's
+    loss (before the all-reduce), for a solve.
 
     The data on the model's device, the model in its training-loss mode, the
     determinism probe run if asked, the operator data-parallel over the group; the
-    operator's graph is released on exit.
+    operator's graph is released on exit. ``local_loss``: this process's loss at these
+    weights from an earlier evaluation (:class:`WarmStart`), not evaluated again.
     """
     group = resolve_group(process_group)
     device, _ = module_device_dtype(model)
@@ -384,13 +395,13 @@ def _prepared(
                 hvp_mode=options.hvp_mode,
                 rewrite=options.rewrite,
             )
-            value = op.loss()
+            local = op.loss() if local_loss is None else local_loss
             v0 = random_unit_vector(op.dim, generator=generator, dtype=op.dtype, device=op.device)
             if options.check_determinism:  # local: before any product is all-reduced
                 op.check_deterministic(v0)
-        op, value = data_parallel(op, value, group)
+        op, value = data_parallel(op, local, group)
         try:
-            yield op, value, shared_start(op, v0)
+            yield op, value, shared_start(op, v0), local
         finally:
             op.release()
 
