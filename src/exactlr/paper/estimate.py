@@ -78,7 +78,10 @@ class ArchCost:
             Hessian, BatchNorm's double backward included).
         hvps_per_sample: Full-data products per K_hat weight sample at the library's
             defaults, the sample's fixed costs (loss, gradient graph, subsample start)
-            counted as products.
+            counted as products; every sample solved on all the data (the screen of
+            :mod:`exactlr.screening` skips samples only where their norms spread
+            beyond 2x, which a plan cannot know in advance, so the estimate is an
+            upper one there).
         source: The runs the numbers were read from.
     """
 
