@@ -17,8 +17,9 @@ is convex, so ``E ||H_S||_2 >= ||H||_2`` (Jensen); the sampling noise of a small
 adds to the norm rather than taking from it. A single draw can still fall below, and a
 loose Lanczos run can miss the top of ``H_S``; the default ``screen = 0.5`` asks for a
 shortfall of half the norm before a sample that could set K_hat is skipped.
-``benchmarks/bench_lr_cost.py`` measures the ratio of subsample to full-data norm over
-the samples of the paper's configurations, and alpha against the unscreened defaults.
+``benchmarks/bench_lr_cost.py`` measures, on the paper's configurations, alpha against
+the unscreened defaults and, for the screened samples, the ratio of their subsample
+norm to their full-data norm and how close to K_hat the full-data norm came.
 
 What a screened record says: ``certified="screened"``, ``value`` the subsample estimate
 (not the full-data norm; below ``screen`` times K_hat), ``num_hvps`` 0 and the subsample
@@ -99,8 +100,8 @@ def screened_samples(
 
     ``draw(seed)`` returns the sample's model; ``evaluate`` its full-data evaluation
     under a ceiling, from the start the subsample pass kept (see
-    :data:`KEEP_STARTS_BYTES`). ``options.check_determinism`` runs on the first sample's subsample
-    pass only.
+    :data:`KEEP_STARTS_BYTES`). ``options.check_determinism`` runs on the first
+    sample's subsample pass only.
 
     Returns None when the options take no subsample of these data (too few examples):
     the caller then runs the samples in draw order.
