@@ -422,9 +422,12 @@ def estimate_smoothness(
     if split is not None:
         _check_same_batch_counts(len(data), split)
     show = progress and tqdm is not None and (group is None or dist.get_rank(group) == 0)
-    split_off = split is not None
     if can_screen(
-        opts, variant=variant, patience=patience, group_size=group_size, samples_split=split_off
+        opts,
+        variant=variant,
+        patience=patience,
+        group_size=group_size,
+        samples_split=split is not None,
     ):
         screened = _screened(make_model, objective, data, seeds, opts, device, group, show)
         if screened is not None:

@@ -289,12 +289,11 @@ def solve_spectral_norm(
     with _prepared(model, objective, batches, options, generator, process_group, known) as prep:
         op, value, v0, _ = prep
         subsample_hvps, warm = 0, False
-        share = resolve_subsample(options.subsample, num_examples(op), options.method)
         if start is not None:
             v0, warm = start.vector.to(v0), True
             if generator is not None and start.generator_state is not None:
                 generator.set_state(start.generator_state)
-        elif share is not None:
+        elif share := resolve_subsample(options.subsample, num_examples(op), options.method):
             begin, subsample_hvps = subsample_start(op, v0, share, options, generator)
             v0, warm = begin, begin is not v0
         res = _solve(op, v0, options, generator, ceiling, warm=warm)
@@ -329,7 +328,8 @@ def solve_subsample_norm(
         if share is None:
             return None
         res, products = subsample_eigen(op, v0, share, options, generator)
-    kept, vector = None, start_vector(res, v0) if keep_start else v0
+    kept = None
+    vector = start_vector(res, v0) if keep_start else v0
     if vector is not v0:  # kept only if warm: a fallback to v0 reruns the same way
         state = generator.get_state() if generator is not None else None
         kept = WarmStart(vector.detach().cpu(), state, local)
